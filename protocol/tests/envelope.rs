@@ -1,0 +1,410 @@
+//! Signed envelopes: round trips, tampering, and one distinct error per rejection reason.
+
+use std::time::Duration;
+
+use libp2p_identity::{Keypair, PeerId};
+use proptest::prelude::*;
+use serde_bytes::ByteBuf;
+use skillmesh_protocol::envelope::{self, Checks, Kind};
+use skillmesh_protocol::*;
+
+fn key() -> SigningKey {
+    SigningKey::from_keypair(&Keypair::generate_ed25519()).expect("ed25519")
+}
+
+fn peer() -> PeerId {
+    Keypair::generate_ed25519().public().to_peer_id()
+}
+
+const T0: Timestamp = Timestamp(1_800_000_000_000);
+
+fn call(caller: &SigningKey, args: Vec<u8>) -> Call {
+    Call {
+        call_id: CallId([1; 16]),
+        caller: caller.peer_id(),
+        target: peer(),
+        skill: SkillName::new("translate").expect("name"),
+        version_req: "^1.2".parse().expect("req"),
+        args: ByteBuf::from(args),
+        issued_at: T0,
+        expires_at: T0.saturating_add(Duration::from_secs(60)),
+        mode: Mode::Sync,
+        grant: None,
+    }
+}
+
+#[test]
+fn sealed_call_opens_with_signer_and_id() {
+    let k = key();
+    let c = call(&k, to_cbor(&"hello"));
+    let bytes = envelope::seal(&k, &c).expect("seal");
+    let opened =
+        envelope::open::<Call>(&bytes, &Checks::at(T0).signed_by(k.peer_id())).expect("open");
+    assert_eq!(opened.value, c);
+    assert_eq!(opened.signer, k.peer_id());
+    assert_eq!(opened.id, MessageId::of(&bytes[ENVELOPE_HEADER_BYTES..]));
+}
+
+#[test]
+fn header_layout_is_as_specified() {
+    let k = key();
+    let bytes = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    assert_eq!(&bytes[0..2], b"SM");
+    assert_eq!(bytes[2], 1);
+    assert_eq!(bytes[3], Kind::Call.code());
+    assert_eq!(&bytes[4..36], &k.public_key());
+}
+
+#[test]
+fn wrong_signer_is_rejected() {
+    let k = forging_key();
+    let mut c = call(&k, vec![]);
+    let honest = envelope::seal(&k, &c).expect("seal");
+    // The forging helper makes the same bytes as seal for an honest payload.
+    assert_eq!(resign(&k, Kind::Call, &to_cbor(&c)), honest);
+
+    // A payload that claims another author than the key that signed it: seal refuses to make
+    // it, and a hand-forged one is refused on open.
+    c.caller = peer();
+    assert!(matches!(
+        envelope::seal(&k, &c),
+        Err(EnvelopeError::SignerMismatch { .. })
+    ));
+    let forged = resign(&k, Kind::Call, &to_cbor(&c));
+    assert!(matches!(
+        envelope::open::<Call>(&forged, &Checks::at(T0)),
+        Err(EnvelopeError::SignerMismatch { .. })
+    ));
+
+    // Honestly signed by k, but the connection's peer is someone else.
+    let other = peer();
+    match envelope::open::<Call>(&honest, &Checks::at(T0).signed_by(other)) {
+        Err(EnvelopeError::UnexpectedSigner { expected, found }) => {
+            assert_eq!(expected, other);
+            assert_eq!(found, k.peer_id());
+        }
+        r => panic!("expected UnexpectedSigner, got {r:?}"),
+    }
+}
+
+/// Builds an envelope as the spec says, without `seal`'s checks, to forge bad payloads. It is
+/// also an independent implementation of the layout: see `wrong_signer_is_rejected`.
+fn resign(k: &SigningKey, kind: Kind, payload: &[u8]) -> Vec<u8> {
+    use ed25519_dalek::Signer;
+    let secret = SECRETS
+        .with(|s| s.borrow().get(&k.peer_id()).copied())
+        .expect("a key made by forging_key");
+    let sk = ed25519_dalek::SigningKey::from_bytes(&secret);
+    let mut input = format!("skillmesh/v1/{}", kind.name()).into_bytes();
+    input.push(0);
+    input.extend_from_slice(payload);
+    let mut out = b"SM".to_vec();
+    out.push(1);
+    out.push(kind.code());
+    out.extend_from_slice(&sk.verifying_key().to_bytes());
+    out.extend_from_slice(&sk.sign(&input).to_bytes());
+    out.extend_from_slice(payload);
+    out
+}
+
+thread_local! {
+    static SECRETS: std::cell::RefCell<std::collections::HashMap<PeerId, [u8; 32]>> =
+        Default::default();
+}
+
+/// A key whose secret this test keeps, to forge envelopes that `seal` would refuse to make.
+fn forging_key() -> SigningKey {
+    let kp = Keypair::generate_ed25519();
+    let ed = kp.clone().try_into_ed25519().expect("ed25519");
+    let mut secret = [0u8; 32];
+    secret.copy_from_slice(&ed.to_bytes()[..32]);
+    let k = SigningKey::from_keypair(&kp).expect("ed25519");
+    SECRETS.with(|s| s.borrow_mut().insert(k.peer_id(), secret));
+    k
+}
+
+#[test]
+fn expired_is_rejected_beyond_skew_only() {
+    let k = key();
+    let c = call(&k, vec![]);
+    let bytes = envelope::seal(&k, &c).expect("seal");
+    let just_inside = c.expires_at.saturating_add(MAX_CLOCK_SKEW);
+    assert!(envelope::open::<Call>(&bytes, &Checks::at(just_inside)).is_ok());
+    let past = just_inside.saturating_add(Duration::from_millis(1));
+    assert!(matches!(
+        envelope::open::<Call>(&bytes, &Checks::at(past)),
+        Err(EnvelopeError::Expired { .. })
+    ));
+}
+
+#[test]
+fn not_yet_valid_beyond_skew_is_rejected() {
+    let k = key();
+    let c = call(&k, vec![]);
+    let bytes = envelope::seal(&k, &c).expect("seal");
+    let early_within_skew = c.issued_at.saturating_sub(MAX_CLOCK_SKEW);
+    assert!(envelope::open::<Call>(&bytes, &Checks::at(early_within_skew)).is_ok());
+    let too_early = early_within_skew.saturating_sub(Duration::from_millis(1));
+    assert!(matches!(
+        envelope::open::<Call>(&bytes, &Checks::at(too_early)),
+        Err(EnvelopeError::NotYetValid { .. })
+    ));
+}
+
+#[test]
+fn call_window_longer_than_allowed_is_invalid() {
+    let k = key();
+    let mut c = call(&k, vec![]);
+    c.expires_at = c
+        .issued_at
+        .saturating_add(MAX_CALL_WINDOW + Duration::from_millis(1));
+    assert!(matches!(
+        envelope::seal(&k, &c),
+        Err(EnvelopeError::Invalid(ValidationError { field, .. })) if field == "expires_at"
+    ));
+}
+
+#[test]
+fn oversize_is_rejected_before_verification() {
+    let k = key();
+    let bytes = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    let mut big = bytes.clone();
+    big.resize(Kind::Call.max_envelope() + 1, 0);
+    assert!(matches!(
+        envelope::open::<Call>(&big, &Checks::at(T0)),
+        Err(EnvelopeError::Oversize {
+            kind: Kind::Call,
+            ..
+        })
+    ));
+    // A kind's own limit applies even when the envelope is under the global one.
+    let mut cancel = bytes;
+    cancel[3] = Kind::Cancel.code();
+    cancel.resize(Kind::Cancel.max_envelope() + 1, 0);
+    assert!(matches!(
+        envelope::verify(&cancel),
+        Err(EnvelopeError::Oversize {
+            kind: Kind::Cancel,
+            ..
+        })
+    ));
+    let huge = vec![0u8; MAX_ENVELOPE_BYTES + 1];
+    assert!(matches!(
+        envelope::verify(&huge),
+        Err(EnvelopeError::Oversize { .. })
+    ));
+    // Sealing refuses too: arguments over the protocol limit.
+    assert!(matches!(
+        envelope::seal(&k, &call(&k, vec![0; MAX_CALL_ARGS_BYTES + 1])),
+        Err(EnvelopeError::Invalid(ValidationError { field, .. })) if field == "args"
+    ));
+}
+
+#[test]
+fn truncated_is_rejected() {
+    let k = key();
+    let bytes = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    assert!(matches!(
+        envelope::open::<Call>(&bytes[..ENVELOPE_HEADER_BYTES - 1], &Checks::at(T0)),
+        Err(EnvelopeError::Truncated { .. })
+    ));
+    // Cut inside the payload: the signature no longer covers what is left.
+    assert!(matches!(
+        envelope::open::<Call>(&bytes[..bytes.len() - 1], &Checks::at(T0)),
+        Err(EnvelopeError::BadSignature)
+    ));
+}
+
+#[test]
+fn garbage_is_rejected() {
+    assert!(matches!(
+        envelope::verify(&[0x42; 300]),
+        Err(EnvelopeError::BadMagic)
+    ));
+    let k = key();
+    let good = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    let mut v = good.clone();
+    v[2] = 9;
+    assert!(matches!(
+        envelope::verify(&v),
+        Err(EnvelopeError::UnsupportedVersion(9))
+    ));
+    let mut u = good.clone();
+    u[3] = 200;
+    assert!(matches!(
+        envelope::verify(&u),
+        Err(EnvelopeError::UnknownKind(200))
+    ));
+    // A validly signed payload that is not CBOR of the kind: decoding fails after verification.
+    let kf = forging_key();
+    let junk = resign(&kf, Kind::Call, &[0xff, 0x00, 0x13]);
+    assert!(envelope::verify(&junk).is_ok());
+    assert!(matches!(
+        envelope::open::<Call>(&junk, &Checks::at(T0)),
+        Err(EnvelopeError::Decode(_))
+    ));
+    // Trailing bytes after a valid payload are not ignored.
+    let mut payload = to_cbor(&call(&kf, vec![]));
+    payload.push(0);
+    let trailing = resign(&kf, Kind::Call, &payload);
+    assert!(matches!(
+        envelope::open::<Call>(&trailing, &Checks::at(T0)),
+        Err(EnvelopeError::Decode(DecodeError::TrailingBytes))
+    ));
+}
+
+#[test]
+fn invalid_signer_key_is_rejected() {
+    let k = key();
+    let mut bytes = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    // y = 2 does not decode to a curve point.
+    let mut bad = [0u8; 32];
+    bad[0] = 2;
+    bytes[4..36].copy_from_slice(&bad);
+    assert!(matches!(
+        envelope::verify(&bytes),
+        Err(EnvelopeError::InvalidSignerKey | EnvelopeError::BadSignature)
+    ));
+}
+
+#[test]
+fn kind_confusion_is_rejected() {
+    let k = key();
+    let bytes = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    // Asking for another kind of a valid envelope.
+    assert!(matches!(
+        envelope::open::<Cancel>(&bytes, &Checks::at(T0)),
+        Err(EnvelopeError::WrongKind {
+            expected: Kind::Cancel,
+            found: Kind::Call
+        })
+    ));
+    // Relabelling the kind byte breaks the signature: the domain tag differs.
+    let mut relabelled = bytes.clone();
+    relabelled[3] = Kind::Event.code();
+    assert!(matches!(
+        envelope::verify(&relabelled),
+        Err(EnvelopeError::BadSignature)
+    ));
+}
+
+proptest! {
+    #![proptest_config(ProptestConfig::with_cases(64))]
+
+    #[test]
+    fn any_flipped_bit_after_the_header_kind_is_rejected(
+        args in proptest::collection::vec(any::<u8>(), 0..512),
+        pos in any::<proptest::sample::Index>(),
+        bit in 0u8..8,
+    ) {
+        let k = key();
+        let bytes = envelope::seal(&k, &call(&k, args)).expect("seal");
+        // Every byte of signer, signature and payload (offset 4 on); magic/version/kind have
+        // their own errors above.
+        let i = 4 + pos.index(bytes.len() - 4);
+        let mut t = bytes.clone();
+        t[i] ^= 1 << bit;
+        prop_assert!(envelope::open::<Call>(&t, &Checks::at(T0)).is_err(), "flip at {} accepted", i);
+    }
+
+    #[test]
+    fn call_round_trips(
+        args in proptest::collection::vec(any::<u8>(), 0..2048),
+        id in any::<[u8; 16]>(),
+        window_ms in 1u64..300_000,
+        mode in prop_oneof![Just(Mode::Sync), Just(Mode::Async), Just(Mode::Stream)],
+        name in "[a-z0-9][a-z0-9._-]{0,63}",
+    ) {
+        let k = key();
+        let mut c = call(&k, args);
+        c.call_id = CallId(id);
+        c.expires_at = c.issued_at.saturating_add(Duration::from_millis(window_ms));
+        c.mode = mode;
+        c.skill = SkillName::new(name).expect("valid by construction");
+        let bytes = envelope::seal(&k, &c).expect("seal");
+        let opened = envelope::open::<Call>(&bytes, &Checks::at(T0)).expect("open");
+        prop_assert_eq!(opened.value, c);
+    }
+
+    #[test]
+    fn call_result_round_trips(
+        output in proptest::option::of(proptest::collection::vec(any::<u8>(), 0..1024)),
+        code in 1u16..40,
+        msg in ".{0,100}",
+        queued in any::<u32>(),
+        run in any::<u32>(),
+    ) {
+        let k = key();
+        let (status, output, error) = match output {
+            Some(o) => (CallStatus::Completed, Some(ByteBuf::from(o)), None),
+            None => (CallStatus::Failed, None, Some(CallError::new(ErrorCode::from(code), msg))),
+        };
+        let r = CallResult {
+            call_id: CallId([3; 16]),
+            callee: k.peer_id(),
+            caller: peer(),
+            status,
+            output,
+            error,
+            timings: Timings { queued_ms: queued, run_ms: run },
+        };
+        let bytes = envelope::seal(&k, &r).expect("seal");
+        prop_assert_eq!(envelope::open::<CallResult>(&bytes, &Checks::at(T0)).expect("open").value, r);
+    }
+
+    #[test]
+    fn event_and_grant_and_sealed_round_trip(
+        data in proptest::collection::vec(any::<u8>(), 1..1024),
+        seq in any::<u64>(),
+        topic in "[a-z]{1,20}",
+    ) {
+        let k = key();
+        let e = Event {
+            topic: MeshName::default().app_topic(&topic).expect("topic"),
+            publisher: k.peer_id(),
+            seq,
+            issued_at: T0,
+            data: ByteBuf::from(data.clone()),
+        };
+        let bytes = envelope::seal(&k, &e).expect("seal");
+        prop_assert_eq!(envelope::open::<Event>(&bytes, &Checks::at(T0)).expect("open").value, e);
+
+        let g = Grant {
+            issuer: k.peer_id(),
+            grantee: peer(),
+            skills: vec![SkillName::new(topic.clone()).expect("name")],
+            issued_at: T0,
+            expires_at: T0.saturating_add(Duration::from_secs(3600)),
+        };
+        let bytes = envelope::seal(&k, &g).expect("seal");
+        prop_assert_eq!(envelope::open::<Grant>(&bytes, &Checks::at(T0)).expect("open").value, g);
+
+        let m = SealedMessage {
+            sender: k.peer_id(),
+            recipient: peer(),
+            seq,
+            created_at: T0,
+            cipher: CipherKind::Normal,
+            ciphertext: ByteBuf::from(data),
+        };
+        let bytes = envelope::seal(&k, &m).expect("seal");
+        prop_assert_eq!(envelope::open::<SealedMessage>(&bytes, &Checks::at(T0)).expect("open").value, m);
+    }
+}
+
+#[test]
+fn unknown_error_codes_survive_a_round_trip() {
+    assert_eq!(ErrorCode::from(11), ErrorCode::RateLimited);
+    assert_eq!(ErrorCode::from(999), ErrorCode::Other(999));
+    let bytes = to_cbor(&ErrorCode::Other(999));
+    assert_eq!(
+        from_cbor::<ErrorCode>(&bytes, 16).expect("decode"),
+        ErrorCode::Other(999)
+    );
+    // Codes are distinct and stable.
+    let mut codes: Vec<u16> = ErrorCode::ALL.iter().map(|c| c.code()).collect();
+    codes.dedup();
+    assert_eq!(codes.len(), ErrorCode::ALL.len());
+    assert_eq!(ErrorCode::Replayed.code(), 7);
+    assert_eq!(ErrorCode::InvalidArgs.name(), "invalid_args");
+}
