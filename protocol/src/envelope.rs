@@ -283,8 +283,8 @@ pub fn seal<T: Payload>(key: &SigningKey, value: &T) -> Result<Vec<u8>, Envelope
     value.validate()?;
     if value.author() != key.peer_id() {
         return Err(EnvelopeError::SignerMismatch {
-            signer: key.peer_id(),
-            claimed: value.author(),
+            signer: Box::new(key.peer_id()),
+            claimed: Box::new(value.author()),
         });
     }
     let payload = to_cbor(value);
@@ -347,15 +347,15 @@ impl<'a> Verified<'a> {
             && expected != self.signer
         {
             return Err(EnvelopeError::UnexpectedSigner {
-                expected,
-                found: self.signer,
+                expected: Box::new(expected),
+                found: Box::new(self.signer),
             });
         }
         let value: T = from_cbor(self.payload, T::KIND.max_payload())?;
         if value.author() != self.signer {
             return Err(EnvelopeError::SignerMismatch {
-                signer: self.signer,
-                claimed: value.author(),
+                signer: Box::new(self.signer),
+                claimed: Box::new(value.author()),
             });
         }
         value.validate()?;

@@ -112,17 +112,17 @@ pub enum EnvelopeError {
     #[error("signed by {signer} but claims to be from {claimed}")]
     SignerMismatch {
         /// Who signed.
-        signer: PeerId,
+        signer: Box<PeerId>,
         /// Who the payload says it is from.
-        claimed: PeerId,
+        claimed: Box<PeerId>,
     },
     /// Signed by someone other than the peer it had to come from (e.g. the connection's peer).
     #[error("signed by {found}, expected {expected}")]
     UnexpectedSigner {
         /// The required signer.
-        expected: PeerId,
+        expected: Box<PeerId>,
         /// The actual signer.
-        found: PeerId,
+        found: Box<PeerId>,
     },
     /// Past its expiry (beyond the allowed clock skew).
     #[error("expired at {expires_at}, now {now}")]

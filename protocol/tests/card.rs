@@ -50,7 +50,7 @@ fn builder_names_the_bad_field() {
     let err = |b: SkillSpecBuilder| b.build().expect_err("must fail").field;
     assert_eq!(err(SkillSpec::builder("Translate", "1.0.0")), "name");
     assert_eq!(err(SkillSpec::builder("", "1.0.0")), "name");
-    assert_eq!(err(SkillSpec::builder(&"a".repeat(65), "1.0.0")), "name");
+    assert_eq!(err(SkillSpec::builder("a".repeat(65), "1.0.0")), "name");
     assert_eq!(err(SkillSpec::builder("ok", "one")), "version");
     assert_eq!(
         err(SkillSpec::builder("ok", "1.0.0").tag("nlp").tag("NLP")),

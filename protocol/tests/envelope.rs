@@ -80,8 +80,8 @@ fn wrong_signer_is_rejected() {
     let other = peer();
     match envelope::open::<Call>(&honest, &Checks::at(T0).signed_by(other)) {
         Err(EnvelopeError::UnexpectedSigner { expected, found }) => {
-            assert_eq!(expected, other);
-            assert_eq!(found, k.peer_id());
+            assert_eq!(*expected, other);
+            assert_eq!(*found, k.peer_id());
         }
         r => panic!("expected UnexpectedSigner, got {r:?}"),
     }
