@@ -290,7 +290,7 @@ pub fn seal<T: Payload>(key: &SigningKey, value: &T) -> Result<Vec<u8>, Envelope
     let payload = to_cbor(value);
     if payload.len() > T::KIND.max_payload() {
         return Err(EnvelopeError::Oversize {
-            kind: T::KIND,
+            kind: Some(T::KIND),
             len: payload.len() + ENVELOPE_HEADER_BYTES,
             max: T::KIND.max_envelope(),
         });
@@ -385,7 +385,7 @@ impl<'a> Verified<'a> {
 pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::Oversize {
-            kind: Kind::from_code(bytes.get(3).copied().unwrap_or(0)).unwrap_or(Kind::Call),
+            kind: None,
             len: bytes.len(),
             max: MAX_ENVELOPE_BYTES,
         });
@@ -406,7 +406,7 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, EnvelopeError> {
     let kind = Kind::from_code(header[3]).ok_or(EnvelopeError::UnknownKind(header[3]))?;
     if payload.len() > kind.max_payload() {
         return Err(EnvelopeError::Oversize {
-            kind,
+            kind: Some(kind),
             len: bytes.len(),
             max: kind.max_envelope(),
         });
@@ -439,7 +439,7 @@ pub fn open<T: Payload>(bytes: &[u8], checks: &Checks) -> Result<Opened<T>, Enve
     // Reject an oversize envelope of the expected kind before spending a signature check.
     if bytes.len() > T::KIND.max_envelope() {
         return Err(EnvelopeError::Oversize {
-            kind: T::KIND,
+            kind: Some(T::KIND),
             len: bytes.len(),
             max: T::KIND.max_envelope(),
         });

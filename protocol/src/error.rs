@@ -73,10 +73,10 @@ pub enum EnvelopeError {
         min: usize,
     },
     /// Larger than the limit of its kind; not verified.
-    #[error("oversize {kind} envelope: {len} bytes, limit {max}")]
+    #[error("oversize envelope{}: {len} bytes, limit {max}", kind.map(|k| format!(" of kind {k}")).unwrap_or_default())]
     Oversize {
-        /// The kind the header claims (or expected).
-        kind: Kind,
+        /// The kind expected or claimed by the header, when known.
+        kind: Option<Kind>,
         /// Bytes received.
         len: usize,
         /// Bytes allowed.

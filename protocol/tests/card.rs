@@ -159,7 +159,7 @@ fn card_over_8_kib_is_refused() {
     assert!(matches!(
         envelope::seal(&k, &full),
         Err(EnvelopeError::Oversize {
-            kind: Kind::Card,
+            kind: Some(Kind::Card),
             ..
         })
     ));
