@@ -288,6 +288,9 @@ pub struct GossipConfig {
     pub heartbeat: Duration,
     /// Events received per second per topic before the rest are dropped.
     pub max_events_per_sec: u32,
+    /// How often this node announces its presence (and card) to the mesh.
+    #[serde(with = "humantime_serde")]
+    pub presence_interval: Duration,
 }
 
 impl Default for GossipConfig {
@@ -299,6 +302,7 @@ impl Default for GossipConfig {
             gossip_lazy: 6,
             heartbeat: Duration::from_secs(1),
             max_events_per_sec: 1000,
+            presence_interval: Duration::from_secs(30),
         }
     }
 }
@@ -538,6 +542,11 @@ impl Config {
         }
         duration_at_least("gossip.heartbeat", g.heartbeat, Duration::from_millis(10))?;
         at_least("gossip.max_events_per_sec", g.max_events_per_sec, 1)?;
+        duration_at_least(
+            "gossip.presence_interval",
+            g.presence_interval,
+            Duration::from_secs(1),
+        )?;
 
         let s = &self.store;
         for (k, v) in [

@@ -41,8 +41,24 @@
 //! # }
 //! ```
 
+mod access;
+mod behaviour;
+mod calls;
 pub mod config;
+mod discovery;
+mod error;
+mod event_loop;
+mod events;
 pub mod identity;
+mod node;
+mod skills;
 pub mod store;
+mod wire;
 
+pub use discovery::{Found, Query};
+pub use error::{Error, Result};
+pub use event_loop::PublishReport;
+pub use events::{Delivered, PeerInfo, Subscription};
+pub use node::{CallOptions, Node, NodeBuilder};
 pub use skillmesh_protocol as protocol;
+pub use skills::{CallContext, HandlerError, HandlerFuture, SkillHandler};

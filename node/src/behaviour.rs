@@ -1,0 +1,202 @@
+//! The composed libp2p behaviour and the swarm that runs it.
+//!
+//! Transports: TCP and QUIC with Noise and Yamux, behind DNS. In a private mesh (a pre-shared
+//! key) connections go over TCP with libp2p pnet under Noise, and QUIC is off: it has no byte
+//! stream for pnet to wrap.
+
+use std::num::NonZeroUsize;
+use std::time::Duration;
+
+use libp2p::core::upgrade::Version;
+use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
+use libp2p::identity::Keypair;
+use libp2p::kad::store::{MemoryStore, MemoryStoreConfig};
+use libp2p::kad::{self, StoreInserts};
+use libp2p::pnet::{PnetConfig, PreSharedKey};
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::NetworkBehaviour;
+use libp2p::swarm::behaviour::toggle::Toggle;
+use libp2p::{
+    StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, identify, mdns,
+    memory_connection_limits, noise, ping, tcp, yamux,
+};
+use sha2::{Digest, Sha256};
+use skillmesh_protocol::Kind;
+use skillmesh_protocol::keys::{CALL_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+
+use crate::config::{Config, KadMode};
+use crate::error::Error;
+use crate::wire::FrameCodec;
+
+/// Providers kept per DHT key; more than a lookup returns.
+const MAX_PROVIDERS_PER_KEY: usize = 64;
+/// Keys this node provides itself: its skills and tags.
+const MAX_PROVIDED_KEYS: usize = 1024;
+/// Gossip frames: one event envelope and the gossipsub framing around it.
+const MAX_GOSSIP_BYTES: usize = 100 * 1024;
+
+#[derive(NetworkBehaviour)]
+pub(crate) struct Behaviour {
+    pub(crate) limits: connection_limits::Behaviour,
+    pub(crate) memory: Toggle<memory_connection_limits::Behaviour>,
+    pub(crate) identify: identify::Behaviour,
+    pub(crate) ping: ping::Behaviour,
+    pub(crate) kad: kad::Behaviour<MemoryStore>,
+    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) calls: request_response::Behaviour<FrameCodec>,
+    pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+}
+
+fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
+    let peer_id = key.public().to_peer_id();
+    let net = &config.network;
+    let limits = connection_limits::ConnectionLimits::default()
+        .with_max_established(Some(net.max_connections))
+        .with_max_established_per_peer(Some(net.max_per_peer))
+        .with_max_pending_incoming(Some(net.max_pending))
+        .with_max_pending_outgoing(Some(net.max_pending));
+    let memory = (net.max_memory_mib > 0).then(|| {
+        memory_connection_limits::Behaviour::with_max_bytes(
+            usize::try_from(net.max_memory_mib.saturating_mul(1024 * 1024)).unwrap_or(usize::MAX),
+        )
+    });
+
+    let identify = identify::Behaviour::new(
+        identify::Config::new(IDENTIFY_PROTOCOL_VERSION.to_owned(), key.public())
+            .with_agent_version(format!("skillmesh/{}", env!("CARGO_PKG_VERSION"))),
+    );
+
+    let dht = &config.dht;
+    let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
+    kcfg.set_query_timeout(dht.query_timeout)
+        .set_record_ttl(Some(dht.record_ttl))
+        // Cards are re-signed with a new expiry and republished by the node itself; kad would
+        // republish the old signed bytes.
+        .set_publication_interval(None)
+        .set_provider_record_ttl(Some(dht.record_ttl))
+        .set_provider_publication_interval(Some(dht.republish_interval))
+        // Every inbound record is checked by the event loop before it is stored.
+        .set_record_filtering(StoreInserts::FilterBoth);
+    let store = MemoryStore::with_config(
+        peer_id,
+        MemoryStoreConfig {
+            max_records: dht.max_records as usize,
+            max_value_bytes: Kind::Card.max_envelope(),
+            max_providers_per_key: MAX_PROVIDERS_PER_KEY,
+            max_provided_keys: MAX_PROVIDED_KEYS,
+        },
+    );
+    let mut kad = kad::Behaviour::with_config(peer_id, store, kcfg);
+    kad.set_mode(Some(match dht.mode {
+        // AutoNAT decides once it runs; until then a node answers queries, which is right on
+        // a LAN and for servers, and harmless behind NAT (nobody can reach it to ask).
+        KadMode::Auto | KadMode::Server => kad::Mode::Server,
+        KadMode::Client => kad::Mode::Client,
+    }));
+
+    let g = &config.gossip;
+    let gcfg = gossipsub::ConfigBuilder::default()
+        .validation_mode(ValidationMode::Strict)
+        .validate_messages()
+        // Content-addressed ids: each event envelope carries its publisher, seq and time, so
+        // equal bytes are the same event and are delivered once.
+        .message_id_fn(|m: &gossipsub::Message| {
+            gossipsub::MessageId::from(Sha256::digest(&m.data).to_vec())
+        })
+        .mesh_n(g.mesh_n as usize)
+        .mesh_n_low(g.mesh_n_low as usize)
+        .mesh_n_high(g.mesh_n_high as usize)
+        .mesh_outbound_min((g.mesh_n_low as usize / 2).min(g.mesh_n as usize / 2))
+        .gossip_lazy(g.gossip_lazy as usize)
+        .heartbeat_interval(g.heartbeat)
+        .max_transmit_size(MAX_GOSSIP_BYTES)
+        .build()
+        .map_err(|e| Error::Transport(format!("gossipsub config: {e}")))?;
+    let mut gossipsub = gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), gcfg)
+        .map_err(|e| Error::Transport(format!("gossipsub: {e}")))?;
+    gossipsub
+        .with_peer_score(
+            gossipsub::PeerScoreParams::default(),
+            gossipsub::PeerScoreThresholds::default(),
+        )
+        .map_err(|e| Error::Transport(format!("gossipsub scoring: {e}")))?;
+
+    let calls = request_response::Behaviour::with_codec(
+        FrameCodec::new(Kind::Call.max_envelope(), Kind::CallResult.max_envelope()),
+        [(StreamProtocol::new(CALL_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            // The caller's own timeout is shorter; this bounds a stream no matter what.
+            .with_request_timeout(skillmesh_protocol::MAX_CALL_WINDOW + Duration::from_secs(10))
+            .with_max_concurrent_streams(config.calls.max_inbound as usize + 64),
+    );
+
+    let mdns = if net.mdns {
+        Some(
+            mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
+                .map_err(|e| Error::Transport(format!("mdns: {e}")))?,
+        )
+    } else {
+        None
+    };
+
+    Ok(Behaviour {
+        limits: connection_limits::Behaviour::new(limits),
+        memory: memory.into(),
+        identify,
+        ping: ping::Behaviour::default(),
+        kad,
+        gossipsub,
+        calls,
+        mdns: mdns.into(),
+    })
+}
+
+/// Builds the swarm for `config` with the node's key.
+pub(crate) fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>, Error> {
+    let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
+    let idle = config.network.idle_timeout;
+    let tcp_config = tcp::Config::default().nodelay(true);
+    let swarm = match config.mesh.psk_bytes() {
+        None => SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_tcp(tcp_config, noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport_err(&e))?
+            .with_quic()
+            .with_dns()
+            .map_err(|e| transport_err(&e))?
+            .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+            .map_err(|e| transport_err(&e))?
+            .with_swarm_config(|c| {
+                c.with_idle_connection_timeout(idle)
+                    .with_per_connection_event_buffer_size(64)
+                    .with_notify_handler_buffer_size(
+                        NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
+                    )
+            })
+            .build(),
+        Some(psk) => {
+            let psk = PreSharedKey::new(psk);
+            SwarmBuilder::with_existing_identity(key)
+                .with_tokio()
+                .with_other_transport(move |key| {
+                    let noise = noise::Config::new(key)?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                        tcp::tokio::Transport::new(tcp_config)
+                            .and_then(move |socket, _| PnetConfig::new(psk).handshake(socket))
+                            .upgrade(Version::V1Lazy)
+                            .authenticate(noise)
+                            .multiplex(yamux::Config::default())
+                            .timeout(Duration::from_secs(20)),
+                    )
+                })
+                .map_err(|e| transport_err(&e))?
+                .with_dns()
+                .map_err(|e| transport_err(&e))?
+                .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+                .map_err(|e| transport_err(&e))?
+                .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+                .build()
+        }
+    };
+    Ok(swarm)
+}

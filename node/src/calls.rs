@@ -1,0 +1,343 @@
+//! Skill calls (DESIGN §5): the callee's checks, in order, and the caller's reading of results.
+//!
+//! Inbound, every call goes through: size (the frame codec), signature, signer = connection
+//! peer, target = us, time window, replay, skill and version, access (share mode, grant), rate
+//! and concurrency, argument size and schema; then the handler runs under a deadline. Every
+//! refusal is a signed `CallResult` with a stable code, so a caller always learns why.
+
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::PeerId;
+use serde_bytes::ByteBuf;
+use serde_json::Value;
+use skillmesh_protocol::envelope::{self, Checks};
+use skillmesh_protocol::{
+    Call, CallError, CallId, CallResult, CallStatus, EnvelopeError, ErrorCode, Grant, Kind,
+    MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, ShareMode, SigningKey, Timestamp, Timings, from_cbor,
+    to_cbor,
+};
+use tokio::sync::Semaphore;
+
+use crate::access::{PeerSlots, RateLimiter, ReplayCache, replay_horizon};
+use crate::config::CallsConfig;
+use crate::skills::{CallContext, Registry};
+
+/// Replay cache entries at most; at 100 calls/s per peer and a 6-minute horizon this is room
+/// for several busy peers, and at ~150 bytes an entry about 30 MB in the worst case.
+pub(crate) const MAX_REPLAY_ENTRIES: usize = 200_000;
+/// Peers whose rate we track at once.
+pub(crate) const MAX_RATE_PEERS: usize = 10_000;
+
+/// The callee side: shared by every inbound call task.
+pub(crate) struct Inbound {
+    me: PeerId,
+    signing: SigningKey,
+    registry: Registry,
+    max_skew: Duration,
+    replay: Mutex<ReplayCache>,
+    rate: Mutex<RateLimiter>,
+    per_peer: PeerSlots,
+    global: Arc<Semaphore>,
+}
+
+impl Inbound {
+    pub(crate) fn new(signing: SigningKey, registry: Registry, config: &CallsConfig) -> Self {
+        Inbound {
+            me: signing.peer_id(),
+            signing,
+            registry,
+            max_skew: config.max_skew,
+            replay: Mutex::new(ReplayCache::new(MAX_REPLAY_ENTRIES)),
+            rate: Mutex::new(RateLimiter::new(
+                config.rate_per_peer,
+                config.burst_per_peer,
+                MAX_RATE_PEERS,
+            )),
+            per_peer: PeerSlots::new(config.max_inbound_per_peer),
+            global: Arc::new(Semaphore::new(config.max_inbound as usize)),
+        }
+    }
+
+    /// Checks and runs one call from `peer`; returns the signed result envelope.
+    pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
+        let received = Instant::now();
+        let call_id = peek_call_id(&request);
+        let (status, output, error, run_ms) = match self.admit_and_run(peer, &request).await {
+            Ok((out, run)) => (CallStatus::Completed, Some(ByteBuf::from(out)), None, run),
+            Err(e) => (CallStatus::Failed, None, Some(e), 0),
+        };
+        let total = received.elapsed().as_millis();
+        let result = CallResult {
+            call_id,
+            callee: self.me,
+            caller: peer,
+            status,
+            output,
+            error,
+            timings: Timings {
+                queued_ms: u32::try_from(total.saturating_sub(u128::from(run_ms)))
+                    .unwrap_or(u32::MAX),
+                run_ms,
+            },
+        };
+        match envelope::seal(&self.signing, &result) {
+            Ok(bytes) => bytes,
+            Err(e) => {
+                // Only an oversize output can get here; answer with that instead.
+                tracing::warn!(%peer, "cannot seal call result: {e}");
+                let failed = CallResult {
+                    status: CallStatus::Failed,
+                    output: None,
+                    error: Some(CallError::new(ErrorCode::OutputTooLarge, e.to_string())),
+                    ..result
+                };
+                envelope::seal(&self.signing, &failed).unwrap_or_default()
+            }
+        }
+    }
+
+    async fn admit_and_run(
+        &self,
+        peer: PeerId,
+        request: &[u8],
+    ) -> Result<(Vec<u8>, u32), CallError> {
+        let now = Timestamp::now();
+        let checks = Checks {
+            now,
+            max_skew: self.max_skew,
+            expected_signer: Some(peer),
+        };
+        let call = envelope::open::<Call>(request, &checks)
+            .map_err(refusal)?
+            .value;
+        if call.target != self.me {
+            return Err(CallError::new(
+                ErrorCode::WrongTarget,
+                format!("this is {}, not {}", self.me, call.target),
+            ));
+        }
+        {
+            let mut replay = self.replay.lock().unwrap_or_else(|e| e.into_inner());
+            replay
+                .check(
+                    peer,
+                    call.call_id,
+                    replay_horizon(call.expires_at, self.max_skew),
+                    now,
+                )
+                .map_err(|code| CallError::new(code, "call id already used"))?;
+        }
+        let skill = {
+            let map = self.registry.read().unwrap_or_else(|e| e.into_inner());
+            map.get(&call.skill).cloned()
+        }
+        .ok_or_else(|| {
+            CallError::new(
+                ErrorCode::UnknownSkill,
+                format!("no skill {} here", call.skill),
+            )
+        })?;
+        let spec = &skill.spec;
+        if !call.version_req.matches(&spec.version) {
+            return Err(CallError::new(
+                ErrorCode::VersionMismatch,
+                format!(
+                    "{} is version {}, not {}",
+                    spec.name, spec.version, call.version_req
+                ),
+            ));
+        }
+        if call.mode != spec.mode {
+            return Err(CallError::new(
+                ErrorCode::UnsupportedMode,
+                format!("{} runs in {} mode", spec.name, spec.mode),
+            ));
+        }
+        self.check_access(peer, &call, spec.share, now)?;
+        let allowed = {
+            let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+            rate.allow(peer, Instant::now())
+        };
+        if !allowed {
+            return Err(CallError::new(
+                ErrorCode::RateLimited,
+                "too many calls; slow down",
+            ));
+        }
+        let busy =
+            |what: &str| CallError::new(ErrorCode::Busy, format!("too many calls running {what}"));
+        let _global = self
+            .global
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy("on this node"))?;
+        let _peer_slot = self
+            .per_peer
+            .try_take(peer)
+            .ok_or_else(|| busy("from you"))?;
+        let _skill_slot = skill
+            .slots
+            .clone()
+            .try_acquire_owned()
+            .map_err(|_| busy("for this skill"))?;
+
+        if call.args.len() > spec.limits.max_arg_bytes as usize {
+            return Err(CallError::new(
+                ErrorCode::ArgsTooLarge,
+                format!(
+                    "{} bytes of arguments, {} allows {}",
+                    call.args.len(),
+                    spec.name,
+                    spec.limits.max_arg_bytes
+                ),
+            ));
+        }
+        let args: Value = from_cbor(&call.args, MAX_CALL_ARGS_BYTES).map_err(|e| {
+            CallError::new(
+                ErrorCode::InvalidArgs,
+                format!("arguments are not JSON-like CBOR: {e}"),
+            )
+        })?;
+        if let Some(schema) = &skill.input
+            && let Err(e) = schema.validate(&args)
+        {
+            return Err(CallError::new(
+                ErrorCode::InvalidArgs,
+                format!("arguments do not match the schema: {e}"),
+            ));
+        }
+
+        // The handler's deadline: its own timeout, and never past the call's expiry.
+        let until_expiry =
+            Duration::from_millis(call.expires_at.as_millis().saturating_sub(now.as_millis()))
+                + self.max_skew;
+        let timeout = spec.limits.timeout().min(until_expiry);
+        let ctx = CallContext {
+            caller: peer,
+            call_id: call.call_id,
+            skill: call.skill.clone(),
+            deadline: Instant::now() + timeout,
+        };
+        let started = Instant::now();
+        let output = tokio::time::timeout(timeout, skill.handler.call(ctx, args))
+            .await
+            .map_err(|_| {
+                CallError::new(ErrorCode::Timeout, format!("no result within {timeout:?}"))
+            })?
+            .map_err(|e| CallError::new(ErrorCode::HandlerFailed, e.message))?;
+        let run_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        if let Some(schema) = &skill.output
+            && let Err(e) = schema.validate(&output)
+        {
+            tracing::warn!(skill = %spec.name, "handler output does not match its schema: {e}");
+            return Err(CallError::new(
+                ErrorCode::Internal,
+                "the skill's output does not match its schema",
+            ));
+        }
+        let out = to_cbor(&output);
+        if out.len() > MAX_OUTPUT_BYTES {
+            return Err(CallError::new(
+                ErrorCode::OutputTooLarge,
+                format!("{} bytes of output, at most {MAX_OUTPUT_BYTES}", out.len()),
+            ));
+        }
+        Ok((out, run_ms))
+    }
+
+    fn check_access(
+        &self,
+        peer: PeerId,
+        call: &Call,
+        share: ShareMode,
+        now: Timestamp,
+    ) -> Result<(), CallError> {
+        let denied = |why: String| Err(CallError::new(ErrorCode::AccessDenied, why));
+        match share {
+            // Without a mesh key every reachable peer is in the (open) mesh; with one, only mesh
+            // members can connect at all (pnet), so a connected peer is a member either way.
+            ShareMode::Public | ShareMode::Mesh => Ok(()),
+            ShareMode::Grants => {
+                let Some(bytes) = &call.grant else {
+                    return denied(format!("{} needs a grant from {}", call.skill, self.me));
+                };
+                let checks = Checks {
+                    now,
+                    max_skew: self.max_skew,
+                    expected_signer: Some(self.me),
+                };
+                let grant = envelope::open::<Grant>(bytes, &checks)
+                    .map_err(|e| {
+                        CallError::new(ErrorCode::AccessDenied, format!("grant refused: {e}"))
+                    })?
+                    .value;
+                if grant.grantee != peer {
+                    return denied(format!("the grant is for {}, not {peer}", grant.grantee));
+                }
+                if !grant.covers(&call.skill) {
+                    return denied(format!("the grant does not cover {}", call.skill));
+                }
+                Ok(())
+            }
+            ShareMode::Private if peer == self.me => Ok(()),
+            ShareMode::Private => denied(format!("{} is private to its owner", call.skill)),
+        }
+    }
+}
+
+/// The stable code for an envelope that failed its checks.
+fn refusal(e: EnvelopeError) -> CallError {
+    let code = match &e {
+        EnvelopeError::BadSignature | EnvelopeError::InvalidSignerKey => ErrorCode::BadSignature,
+        EnvelopeError::SignerMismatch { .. } | EnvelopeError::UnexpectedSigner { .. } => {
+            ErrorCode::SignerMismatch
+        }
+        EnvelopeError::Expired { .. } => ErrorCode::Expired,
+        EnvelopeError::NotYetValid { .. } => ErrorCode::NotYetValid,
+        EnvelopeError::Invalid(v) if v.field == "args" => ErrorCode::ArgsTooLarge,
+        _ => ErrorCode::BadRequest,
+    };
+    CallError::new(code, e.to_string())
+}
+
+/// The call id of a request, read without trusting it, so that even a refusal names the call
+/// it answers. Zero when it cannot be read.
+pub(crate) fn peek_call_id(request: &[u8]) -> CallId {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        call_id: CallId,
+    }
+    request
+        .get(skillmesh_protocol::ENVELOPE_HEADER_BYTES..)
+        .filter(|_| request.get(3) == Some(&Kind::Call.code()))
+        .and_then(|payload| from_cbor::<Peek>(payload, Kind::Call.max_payload()).ok())
+        .map(|p| p.call_id)
+        .unwrap_or(CallId([0; 16]))
+}
+
+/// Reads a signed result from `peer` for a call we made.
+pub(crate) fn read_result(
+    bytes: &[u8],
+    peer: PeerId,
+    me: PeerId,
+    call_id: CallId,
+) -> Result<CallResult, crate::Error> {
+    let bad = |reason: String| crate::Error::BadResponse {
+        peer: Box::new(peer),
+        reason,
+    };
+    let result = envelope::open::<CallResult>(bytes, &Checks::now().signed_by(peer))
+        .map_err(|e| bad(e.to_string()))?
+        .value;
+    if result.caller != me {
+        return Err(bad(format!("result is addressed to {}", result.caller)));
+    }
+    if result.call_id != call_id {
+        return Err(bad(format!(
+            "result is for call {}, not {call_id}",
+            result.call_id
+        )));
+    }
+    Ok(result)
+}

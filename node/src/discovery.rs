@@ -1,0 +1,149 @@
+//! Discovery through the private Kademlia DHT (DESIGN §4).
+//!
+//! An agent is a *provider* of `skillmesh/skill/<name>` for each skill it serves and of
+//! `skillmesh/tag/<tag>` for each tag, and stores its signed card under
+//! `skillmesh/card/<peer id>`. A lookup finds providers, then their cards, and keeps only cards
+//! that verify. Records from other peers are verified before this node stores them.
+
+use std::collections::HashSet;
+use std::time::Duration;
+
+use libp2p::kad::{self, RecordKey};
+use libp2p::{Multiaddr, PeerId};
+use skillmesh_protocol::envelope::{self, Checks};
+use skillmesh_protocol::keys::{card_key, skill_key, tag_key};
+use skillmesh_protocol::{
+    AgentCard, MAX_CARD_ADDRS, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
+};
+
+/// What to look for.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Query {
+    /// Agents serving a skill of this name.
+    Skill(SkillName),
+    /// Agents serving a skill with this tag.
+    Tag(Tag),
+}
+
+impl Query {
+    pub(crate) fn key(&self) -> RecordKey {
+        RecordKey::new(&match self {
+            Query::Skill(n) => skill_key(n),
+            Query::Tag(t) => tag_key(t),
+        })
+    }
+
+    /// Whether `spec` answers this query.
+    pub fn matches(&self, spec: &SkillSpec) -> bool {
+        match self {
+            Query::Skill(n) => &spec.name == n,
+            Query::Tag(t) => spec.tags.contains(t),
+        }
+    }
+}
+
+impl std::fmt::Display for Query {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Query::Skill(n) => write!(f, "skill {n}"),
+            Query::Tag(t) => write!(f, "tag {t}"),
+        }
+    }
+}
+
+/// An agent found by a lookup, with its verified card.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Found {
+    /// The agent.
+    pub peer: PeerId,
+    /// Its verified card.
+    pub card: AgentCard,
+    /// Its skills that answer the query.
+    pub skills: Vec<SkillSpec>,
+}
+
+/// The provider keys for a set of skills.
+pub(crate) fn provider_keys(specs: &[SkillSpec]) -> HashSet<RecordKey> {
+    let mut keys = HashSet::new();
+    for s in specs {
+        keys.insert(RecordKey::new(&skill_key(&s.name)));
+        for t in &s.tags {
+            keys.insert(RecordKey::new(&tag_key(t)));
+        }
+    }
+    keys
+}
+
+/// Signs this node's card.
+pub(crate) fn build_card(
+    signing: &SigningKey,
+    name: &str,
+    specs: &[SkillSpec],
+    addrs: &[Multiaddr],
+    seq: u64,
+    ttl: Duration,
+) -> Result<(AgentCard, Vec<u8>), skillmesh_protocol::EnvelopeError> {
+    let now = Timestamp::now();
+    let mut addrs: Vec<Multiaddr> = addrs.iter().filter(|a| dialable(a)).cloned().collect();
+    addrs.dedup();
+    addrs.truncate(MAX_CARD_ADDRS);
+    let card = AgentCard {
+        peer_id: signing.peer_id(),
+        name: name.to_owned(),
+        skills: specs.iter().map(SkillSpec::compact).collect(),
+        addrs,
+        mailboxes: Vec::new(),
+        prekeys: None,
+        seq,
+        issued_at: now,
+        expires_at: now.saturating_add(ttl),
+    };
+    let bytes = envelope::seal(signing, &card)?;
+    Ok((card, bytes))
+}
+
+/// Unspecified addresses (`0.0.0.0`) are for listening, not for others to dial.
+fn dialable(addr: &Multiaddr) -> bool {
+    use libp2p::multiaddr::Protocol;
+    !addr.iter().any(|p| match p {
+        Protocol::Ip4(ip) => ip.is_unspecified(),
+        Protocol::Ip6(ip) => ip.is_unspecified(),
+        _ => false,
+    })
+}
+
+/// Checks a card record: a valid, unexpired card envelope stored under its own agent's key.
+pub(crate) fn verify_card_record(record: &kad::Record) -> Result<AgentCard, String> {
+    let card = envelope::open::<AgentCard>(&record.value, &Checks::now())
+        .map_err(|e| e.to_string())?
+        .value;
+    if record.key.as_ref() != card_key(&card.peer_id).as_slice() {
+        return Err(format!("card of {} stored under another key", card.peer_id));
+    }
+    Ok(card)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use skillmesh_protocol::Keypair;
+
+    #[test]
+    fn card_records_are_checked_against_their_key() {
+        let k = SigningKey::from_keypair(&Keypair::generate_ed25519()).expect("key");
+        let addrs = [
+            "/ip4/0.0.0.0/tcp/1".parse().expect("a"),
+            "/ip4/127.0.0.1/tcp/1".parse().expect("a"),
+        ];
+        let (card, bytes) =
+            build_card(&k, "a", &[], &addrs, 1, Duration::from_secs(60)).expect("card");
+        assert_eq!(card.addrs.len(), 1, "unspecified address dropped");
+        let good = kad::Record::new(RecordKey::new(&card_key(&k.peer_id())), bytes.clone());
+        assert!(verify_card_record(&good).is_ok());
+        // Someone else's key: a valid card misfiled to hijack another agent's card slot.
+        let misfiled = kad::Record::new(RecordKey::new(&card_key(&PeerId::random())), bytes);
+        assert!(verify_card_record(&misfiled).is_err());
+        let junk = kad::Record::new(RecordKey::new(&card_key(&k.peer_id())), vec![1, 2, 3]);
+        assert!(verify_card_record(&junk).is_err());
+    }
+}

@@ -1,0 +1,873 @@
+//! The event loop: the one task that owns the libp2p Swarm (STYLE 1).
+//!
+//! Everything else talks to it through [`Command`]s carrying a oneshot reply. Pending work sits
+//! in maps keyed by kad query ids and request ids. Inbound calls are checked and run in their
+//! own tasks (signature checks and handlers never stall the loop) and their answers come back on
+//! a bounded channel to be sent on the swarm.
+
+use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use libp2p::futures::StreamExt;
+use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
+use libp2p::kad::store::RecordStore;
+use libp2p::kad::{
+    self, GetClosestPeersOk, GetProvidersOk, GetRecordOk, QueryId, QueryResult, RecordKey,
+};
+use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
+use skillmesh_protocol::envelope::{self, Checks};
+use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key};
+use skillmesh_protocol::{AgentCard, Event, MeshName, SigningKey, Timestamp};
+use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::task::JoinSet;
+
+use crate::behaviour::{Behaviour, BehaviourEvent};
+use crate::calls::Inbound;
+use crate::config::Config;
+use crate::discovery::{build_card, provider_keys, verify_card_record};
+use crate::error::{Error, Result};
+use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
+use crate::skills::{self, Registry};
+
+/// Commands waiting for the loop; senders wait (backpressure) when it is full.
+pub(crate) const COMMAND_BUFFER: usize = 1024;
+/// Answers of inbound calls waiting to be sent.
+const RESPONSE_BUFFER: usize = 1024;
+/// Providers one lookup collects before it stops.
+pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
+/// How long shutdown waits for calls in flight to finish.
+const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// Presence entries kept; the oldest go first.
+const MAX_PRESENCE: usize = 10_000;
+
+/// A request to the event loop.
+pub(crate) enum Command {
+    Dial {
+        addr: Multiaddr,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    AddAddresses {
+        peer: PeerId,
+        addrs: Vec<Multiaddr>,
+    },
+    Republish {
+        reply: Option<oneshot::Sender<PublishReport>>,
+    },
+    FindProviders {
+        key: RecordKey,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
+    GetCard {
+        peer: PeerId,
+        reply: oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
+    },
+    Call {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    Subscribe {
+        topic: String,
+        reply: oneshot::Sender<Result<broadcast::Receiver<Delivered>>>,
+    },
+    Publish {
+        topic: String,
+        data: Vec<u8>,
+        reply: oneshot::Sender<Result<()>>,
+    },
+    Peers {
+        reply: oneshot::Sender<Vec<PeerInfo>>,
+    },
+    ListenAddrs {
+        reply: oneshot::Sender<Vec<Multiaddr>>,
+    },
+    WaitConnected {
+        reply: oneshot::Sender<()>,
+    },
+    Shutdown {
+        reply: oneshot::Sender<()>,
+    },
+}
+
+/// How a (re)publication of this node's card and provider records went.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct PublishReport {
+    /// Whether at least one other peer stored the card.
+    pub card_replicated: bool,
+    /// Provider keys (skills and tags) announced.
+    pub keys: usize,
+    /// Of those, how many reached at least one other peer.
+    pub keys_replicated: usize,
+}
+
+struct PendingCall {
+    peer: PeerId,
+    request: Vec<u8>,
+    reply: oneshot::Sender<Result<Vec<u8>>>,
+    looked_up: bool,
+}
+
+struct PublishGroup {
+    remaining: usize,
+    report: PublishReport,
+    reply: Option<oneshot::Sender<PublishReport>>,
+}
+
+enum Pending {
+    Providers(HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>),
+    Card(
+        PeerId,
+        Option<Box<(AgentCard, Vec<u8>)>>,
+        oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
+    ),
+    PeerLookup(PeerId, Vec<PendingCall>),
+    Publish(u64, bool),
+}
+
+pub(crate) struct EventLoop {
+    swarm: Swarm<Behaviour>,
+    commands: mpsc::Receiver<Command>,
+    responses_tx: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    responses_rx: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    inbound: Arc<Inbound>,
+    inflight: JoinSet<()>,
+    signing: SigningKey,
+    registry: Registry,
+    config: Arc<Config>,
+    mesh: MeshName,
+    bootstrap: HashSet<PeerId>,
+
+    card_seq: u64,
+    own_card: Option<Vec<u8>>,
+    provided: HashSet<RecordKey>,
+    listen_addrs: Vec<Multiaddr>,
+    listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
+    connected_waiters: Vec<oneshot::Sender<()>>,
+
+    calls: HashMap<OutboundRequestId, PendingCall>,
+    queries: HashMap<QueryId, Pending>,
+    groups: HashMap<u64, PublishGroup>,
+    next_group: u64,
+
+    topics: HashMap<String, broadcast::Sender<Delivered>>,
+    presence: HashMap<PeerId, Presence>,
+    presence_due: Option<Instant>,
+    event_seq: u64,
+}
+
+impl EventLoop {
+    #[allow(clippy::too_many_arguments)]
+    pub(crate) fn new(
+        swarm: Swarm<Behaviour>,
+        commands: mpsc::Receiver<Command>,
+        inbound: Arc<Inbound>,
+        signing: SigningKey,
+        registry: Registry,
+        config: Arc<Config>,
+        bootstrap: HashSet<PeerId>,
+    ) -> Self {
+        let (responses_tx, responses_rx) = mpsc::channel(RESPONSE_BUFFER);
+        let mesh = config.mesh_name();
+        let now = Timestamp::now().as_millis();
+        EventLoop {
+            swarm,
+            commands,
+            responses_tx,
+            responses_rx,
+            inbound,
+            inflight: JoinSet::new(),
+            signing,
+            registry,
+            config,
+            mesh,
+            bootstrap,
+            card_seq: 0,
+            own_card: None,
+            provided: HashSet::new(),
+            listen_addrs: Vec::new(),
+            listen_waiters: Vec::new(),
+            connected_waiters: Vec::new(),
+            calls: HashMap::new(),
+            queries: HashMap::new(),
+            groups: HashMap::new(),
+            next_group: 0,
+            topics: HashMap::new(),
+            presence: HashMap::new(),
+            presence_due: None,
+            // Seeded from the clock so event ids stay unique across restarts.
+            event_seq: now,
+        }
+    }
+
+    pub(crate) async fn run(mut self) {
+        let presence_topic = IdentTopic::new(self.mesh.presence_topic());
+        if let Err(e) = self
+            .swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&presence_topic)
+        {
+            tracing::warn!("cannot subscribe to presence: {e}");
+        }
+        let mut republish = tokio::time::interval(self.config.dht.republish_interval);
+        let mut presence = tokio::time::interval(self.config.gossip.presence_interval);
+        let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
+        let shutdown_reply = loop {
+            tokio::select! {
+                cmd = self.commands.recv() => match cmd {
+                    Some(Command::Shutdown { reply }) => break Some(reply),
+                    Some(cmd) => self.on_command(cmd),
+                    // Every handle is gone.
+                    None => break None,
+                },
+                event = self.swarm.select_next_some() => self.on_swarm_event(event),
+                Some((channel, response)) = self.responses_rx.recv() => {
+                    let _ = self.swarm.behaviour_mut().calls.send_response(channel, response);
+                }
+                Some(_) = self.inflight.join_next(), if !self.inflight.is_empty() => {}
+                _ = republish.tick() => self.republish(None),
+                _ = presence.tick() => self.presence_due = Some(Instant::now()),
+                _ = housekeeping.tick() => self.housekeeping(),
+            }
+        };
+        self.shut_down().await;
+        if let Some(reply) = shutdown_reply {
+            let _ = reply.send(());
+        }
+    }
+
+    /// Stops taking new work, lets calls in flight answer, then drops the swarm.
+    async fn shut_down(&mut self) {
+        let listeners: Vec<_> = self.swarm.listeners().cloned().collect();
+        tracing::debug!(
+            calls = self.inflight.len(),
+            listeners = listeners.len(),
+            "shutting down"
+        );
+        let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
+        tokio::pin!(deadline);
+        while !self.inflight.is_empty() {
+            tokio::select! {
+                _ = &mut deadline => break,
+                Some(_) = self.inflight.join_next() => {}
+                Some((channel, response)) = self.responses_rx.recv() => {
+                    let _ = self.swarm.behaviour_mut().calls.send_response(channel, response);
+                }
+                _ = self.swarm.select_next_some() => {}
+            }
+        }
+        // Flush answers that finished last.
+        while let Ok((channel, response)) = self.responses_rx.try_recv() {
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .calls
+                .send_response(channel, response);
+        }
+        self.inflight.abort_all();
+        for (_, call) in self.calls.drain() {
+            let _ = call.reply.send(Err(Error::ShutDown));
+        }
+    }
+
+    fn on_command(&mut self, cmd: Command) {
+        match cmd {
+            Command::Dial { addr, reply } => {
+                let r = self
+                    .swarm
+                    .dial(addr.clone())
+                    .map_err(|e| Error::Transport(format!("cannot dial {addr}: {e}")));
+                let _ = reply.send(r);
+            }
+            Command::AddAddresses { peer, addrs } => {
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a.clone());
+                    self.swarm.behaviour_mut().kad.add_address(&peer, a);
+                }
+            }
+            Command::Republish { reply } => self.republish(reply),
+            Command::FindProviders { key, reply } => {
+                let id = self.swarm.behaviour_mut().kad.get_providers(key);
+                self.queries
+                    .insert(id, Pending::Providers(HashSet::new(), reply));
+            }
+            Command::GetCard { peer, reply } => {
+                if peer == self.signing.peer_id() {
+                    let own = self.own_card.clone().and_then(|b| {
+                        envelope::open::<AgentCard>(&b, &Checks::now())
+                            .ok()
+                            .map(|o| (o.value, b))
+                    });
+                    let _ = reply.send(own);
+                    return;
+                }
+                let id = self
+                    .swarm
+                    .behaviour_mut()
+                    .kad
+                    .get_record(RecordKey::new(&card_key(&peer)));
+                self.queries.insert(id, Pending::Card(peer, None, reply));
+            }
+            Command::Call {
+                peer,
+                request,
+                reply,
+            } => {
+                self.send_call(PendingCall {
+                    peer,
+                    request,
+                    reply,
+                    looked_up: false,
+                });
+            }
+            Command::Subscribe { topic, reply } => {
+                let _ = reply.send(self.subscribe(topic));
+            }
+            Command::Publish { topic, data, reply } => {
+                let r = self
+                    .swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .publish(IdentTopic::new(topic.clone()), data)
+                    .map(|_| ())
+                    .map_err(|e| match e {
+                        PublishError::NoPeersSubscribedToTopic => {
+                            Error::Publish(format!("no peer is subscribed to {topic} yet"))
+                        }
+                        other => Error::Publish(other.to_string()),
+                    });
+                let _ = reply.send(r);
+            }
+            Command::Peers { reply } => {
+                let _ = reply.send(self.peers());
+            }
+            Command::ListenAddrs { reply } => {
+                if self.listen_addrs.is_empty() {
+                    self.listen_waiters.push(reply);
+                } else {
+                    let _ = reply.send(self.listen_addrs.clone());
+                }
+            }
+            Command::WaitConnected { reply } => {
+                if self.swarm.connected_peers().next().is_some() {
+                    let _ = reply.send(());
+                } else {
+                    self.connected_waiters.push(reply);
+                }
+            }
+            Command::Shutdown { .. } => unreachable!("handled by run"),
+        }
+    }
+
+    fn subscribe(&mut self, topic: String) -> Result<broadcast::Receiver<Delivered>> {
+        if let Some(tx) = self.topics.get(&topic) {
+            return Ok(tx.subscribe());
+        }
+        if self.topics.len() >= MAX_TOPICS {
+            return Err(Error::Overloaded("too many topics subscribed"));
+        }
+        self.swarm
+            .behaviour_mut()
+            .gossipsub
+            .subscribe(&IdentTopic::new(topic.clone()))
+            .map_err(|e| Error::Publish(format!("cannot subscribe to {topic}: {e}")))?;
+        let (tx, rx) = broadcast::channel(SUBSCRIBER_BUFFER);
+        self.topics.insert(topic, tx);
+        Ok(rx)
+    }
+
+    fn send_call(&mut self, call: PendingCall) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .calls
+            .send_request(&call.peer, call.request.clone());
+        self.calls.insert(id, call);
+    }
+
+    /// Re-signs this node's card and announces it and every provider key.
+    fn republish(&mut self, reply: Option<oneshot::Sender<PublishReport>>) {
+        let specs = skills::specs(&self.registry);
+        self.card_seq = (self.card_seq + 1).max(Timestamp::now().as_millis());
+        let mut addrs: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
+        addrs.extend(self.listen_addrs.iter().cloned());
+        let ttl = self.config.dht.record_ttl;
+        let bytes = match build_card(
+            &self.signing,
+            &self.config.node.name,
+            &specs,
+            &addrs,
+            self.card_seq,
+            ttl,
+        ) {
+            Ok((_, bytes)) => bytes,
+            Err(e) => {
+                tracing::error!("cannot sign this node's card: {e}");
+                if let Some(r) = reply {
+                    let _ = r.send(PublishReport::default());
+                }
+                return;
+            }
+        };
+        self.own_card = Some(bytes.clone());
+        let group = self.next_group;
+        self.next_group += 1;
+        let mut pending = PublishGroup {
+            remaining: 0,
+            report: PublishReport::default(),
+            reply,
+        };
+        let kad = &mut self.swarm.behaviour_mut().kad;
+        let record = kad::Record::new(RecordKey::new(&card_key(&self.signing.peer_id())), bytes);
+        match kad.put_record(record, kad::Quorum::One) {
+            Ok(id) => {
+                self.queries.insert(id, Pending::Publish(group, true));
+                pending.remaining += 1;
+            }
+            Err(e) => tracing::warn!("cannot store own card: {e}"),
+        }
+        let keys = provider_keys(&specs);
+        for old in self.provided.difference(&keys) {
+            kad.stop_providing(old);
+        }
+        pending.report.keys = keys.len();
+        for key in &keys {
+            match kad.start_providing(key.clone()) {
+                Ok(id) => {
+                    self.queries.insert(id, Pending::Publish(group, false));
+                    pending.remaining += 1;
+                }
+                Err(e) => tracing::warn!("cannot provide a key: {e}"),
+            }
+        }
+        self.provided = keys;
+        if pending.remaining == 0 {
+            if let Some(r) = pending.reply.take() {
+                let _ = r.send(pending.report);
+            }
+        } else {
+            self.groups.insert(group, pending);
+        }
+        self.presence_due = Some(Instant::now());
+    }
+
+    fn housekeeping(&mut self) {
+        if self.presence_due.is_some_and(|t| t <= Instant::now()) {
+            self.presence_due = None;
+            self.announce_presence();
+        }
+        // Drop topics nobody listens to any more.
+        let unused: Vec<String> = self
+            .topics
+            .iter()
+            .filter(|(_, tx)| tx.receiver_count() == 0)
+            .map(|(t, _)| t.clone())
+            .collect();
+        for t in unused {
+            self.topics.remove(&t);
+            let _ = self
+                .swarm
+                .behaviour_mut()
+                .gossipsub
+                .unsubscribe(&IdentTopic::new(t));
+        }
+        let horizon = self.config.gossip.presence_interval * 3;
+        self.presence.retain(|_, p| p.seen.elapsed() < horizon);
+    }
+
+    fn announce_presence(&mut self) {
+        let Some(card) = self.own_card.clone() else {
+            return;
+        };
+        self.event_seq += 1;
+        let event = Event {
+            topic: self.mesh.presence_topic(),
+            publisher: self.signing.peer_id(),
+            seq: self.event_seq,
+            issued_at: Timestamp::now(),
+            data: card.into(),
+        };
+        match envelope::seal(&self.signing, &event) {
+            Ok(bytes) => {
+                let topic = IdentTopic::new(self.mesh.presence_topic());
+                match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
+                    Ok(_) | Err(PublishError::NoPeersSubscribedToTopic) => {}
+                    Err(e) => tracing::debug!("presence not published: {e}"),
+                }
+            }
+            Err(e) => tracing::warn!("cannot sign presence: {e}"),
+        }
+    }
+
+    fn peers(&self) -> Vec<PeerInfo> {
+        let mut out: HashMap<PeerId, PeerInfo> = HashMap::new();
+        for (peer, p) in &self.presence {
+            out.insert(
+                *peer,
+                PeerInfo {
+                    peer: *peer,
+                    name: Some(p.card.name.clone()),
+                    skills: p.card.skills.clone(),
+                    connected: self.swarm.is_connected(peer),
+                },
+            );
+        }
+        for peer in self.swarm.connected_peers() {
+            out.entry(*peer).or_insert_with(|| PeerInfo {
+                peer: *peer,
+                name: None,
+                skills: Vec::new(),
+                connected: true,
+            });
+        }
+        let mut v: Vec<PeerInfo> = out.into_values().collect();
+        v.sort_by_key(|p| p.peer.to_bytes());
+        v
+    }
+
+    fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        match event {
+            SwarmEvent::NewListenAddr { address, .. } => {
+                tracing::info!(%address, "listening");
+                self.listen_addrs.push(address);
+                for w in self.listen_waiters.drain(..) {
+                    let _ = w.send(self.listen_addrs.clone());
+                }
+            }
+            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                for w in self.connected_waiters.drain(..) {
+                    let _ = w.send(());
+                }
+                if self.bootstrap.contains(&peer_id) {
+                    // Fill the routing table around us now that we know someone.
+                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
+                peer_id,
+                info,
+                ..
+            })) if info.protocols.iter().any(|p| p.as_ref() == KAD_PROTOCOL) => {
+                for addr in info.listen_addrs {
+                    self.swarm.behaviour_mut().kad.add_address(&peer_id, addr);
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Mdns(mdns::Event::Discovered(found))) => {
+                for (peer, addr) in found {
+                    self.swarm
+                        .behaviour_mut()
+                        .kad
+                        .add_address(&peer, addr.clone());
+                    if !self.swarm.is_connected(&peer) {
+                        let _ = self.swarm.dial(addr);
+                    }
+                }
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Calls(e)) => self.on_calls(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
+            _ => {}
+        }
+    }
+
+    fn on_calls(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request {
+                    request, channel, ..
+                } => {
+                    let inbound = self.inbound.clone();
+                    let tx = self.responses_tx.clone();
+                    self.inflight.spawn(async move {
+                        let response = inbound.handle(peer, request).await;
+                        let _ = tx.send((channel, response)).await;
+                    });
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    if let Some(call) = self.calls.remove(&request_id) {
+                        let _ = call.reply.send(Ok(response));
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                let Some(call) = self.calls.remove(&request_id) else {
+                    return;
+                };
+                match error {
+                    // We may only know stale addresses: ask the DHT where the peer is now.
+                    OutboundFailure::DialFailure if !call.looked_up => {
+                        let peer = call.peer;
+                        let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                        self.queries
+                            .insert(id, Pending::PeerLookup(peer, vec![call]));
+                    }
+                    OutboundFailure::Timeout => {
+                        let _ = call
+                            .reply
+                            .send(Err(Error::Timeout(skillmesh_protocol::MAX_CALL_WINDOW)));
+                    }
+                    other => {
+                        let _ = call.reply.send(Err(Error::Unreachable {
+                            peer: Box::new(call.peer),
+                            reason: other.to_string(),
+                        }));
+                    }
+                }
+            }
+            request_response::Event::InboundFailure { peer, error, .. } => {
+                tracing::debug!(%peer, "inbound call failed: {error}");
+            }
+            _ => {}
+        }
+    }
+
+    fn on_kad(&mut self, event: kad::Event) {
+        match event {
+            kad::Event::InboundRequest { request } => match request {
+                kad::InboundRequest::PutRecord {
+                    record: Some(record),
+                    source,
+                    ..
+                } => {
+                    self.store_card_record(record, source);
+                }
+                kad::InboundRequest::AddProvider {
+                    record: Some(record),
+                } => {
+                    // kad has checked that the provider is the peer that sent it.
+                    if let Err(e) = self
+                        .swarm
+                        .behaviour_mut()
+                        .kad
+                        .store_mut()
+                        .add_provider(record)
+                    {
+                        tracing::debug!("provider record not stored: {e}");
+                    }
+                }
+                _ => {}
+            },
+            kad::Event::OutboundQueryProgressed {
+                id, result, step, ..
+            } => {
+                self.on_query(id, result, step.last);
+            }
+            _ => {}
+        }
+    }
+
+    /// Stores a card record from another peer only if it verifies and is newer than ours.
+    fn store_card_record(&mut self, record: kad::Record, source: PeerId) {
+        let card = match verify_card_record(&record) {
+            Ok(card) => card,
+            Err(e) => {
+                tracing::debug!(%source, "refused a DHT record: {e}");
+                return;
+            }
+        };
+        let store = self.swarm.behaviour_mut().kad.store_mut();
+        if let Some(existing) = store.get(&record.key)
+            && let Ok(have) = verify_card_record(&existing)
+            && have.seq >= card.seq
+        {
+            return;
+        }
+        if let Err(e) = store.put(record) {
+            tracing::debug!("card record not stored: {e}");
+        }
+    }
+
+    fn on_query(&mut self, id: QueryId, result: QueryResult, last: bool) {
+        let Some(pending) = self.queries.remove(&id) else {
+            return;
+        };
+        match (pending, result) {
+            (Pending::Providers(mut found, reply), QueryResult::GetProviders(r)) => {
+                if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r {
+                    found.extend(providers);
+                }
+                if last || found.len() >= MAX_PROVIDERS_PER_LOOKUP {
+                    if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                    let _ = reply.send(found.into_iter().take(MAX_PROVIDERS_PER_LOOKUP).collect());
+                } else {
+                    self.queries.insert(id, Pending::Providers(found, reply));
+                }
+            }
+            (Pending::Card(peer, mut best, reply), QueryResult::GetRecord(r)) => {
+                if let Ok(GetRecordOk::FoundRecord(found)) = r {
+                    match verify_card_record(&found.record) {
+                        Ok(card)
+                            if card.peer_id == peer
+                                && best.as_ref().is_none_or(|b| b.0.seq < card.seq) =>
+                        {
+                            best = Some(Box::new((card, found.record.value)));
+                        }
+                        Ok(_) => {}
+                        Err(e) => tracing::debug!(%peer, "ignored a bad card record: {e}"),
+                    }
+                }
+                if last {
+                    let _ = reply.send(best.map(|b| *b));
+                } else {
+                    self.queries.insert(id, Pending::Card(peer, best, reply));
+                }
+            }
+            (Pending::PeerLookup(peer, calls), QueryResult::GetClosestPeers(r)) => {
+                let addrs: Vec<Multiaddr> = match &r {
+                    Ok(GetClosestPeersOk { peers, .. }) => peers
+                        .iter()
+                        .filter(|p| p.peer_id == peer)
+                        .flat_map(|p| p.addrs.clone())
+                        .collect(),
+                    Err(_) => Vec::new(),
+                };
+                if !last && addrs.is_empty() {
+                    self.queries.insert(id, Pending::PeerLookup(peer, calls));
+                    return;
+                }
+                for a in &addrs {
+                    self.swarm.add_peer_address(peer, a.clone());
+                }
+                for mut call in calls {
+                    if addrs.is_empty() {
+                        let _ = call.reply.send(Err(Error::Unreachable {
+                            peer: Box::new(peer),
+                            reason: "no address known, and the DHT has none".to_owned(),
+                        }));
+                    } else {
+                        call.looked_up = true;
+                        self.send_call(call);
+                    }
+                }
+            }
+            (Pending::Publish(group, is_card), r) => {
+                let replicated = match r {
+                    QueryResult::PutRecord(r) => r.is_ok(),
+                    QueryResult::StartProviding(r) => r.is_ok(),
+                    _ => false,
+                };
+                if !last {
+                    self.queries.insert(id, Pending::Publish(group, is_card));
+                    return;
+                }
+                if let Some(g) = self.groups.get_mut(&group) {
+                    g.remaining -= 1;
+                    if is_card {
+                        g.report.card_replicated = replicated;
+                    } else if replicated {
+                        g.report.keys_replicated += 1;
+                    }
+                    if g.remaining == 0
+                        && let Some(g) = self.groups.remove(&group)
+                        && let Some(reply) = g.reply
+                    {
+                        let _ = reply.send(g.report);
+                    }
+                }
+            }
+            (pending, _) => {
+                // A result of another kind than the query: keep waiting for the right one.
+                self.queries.insert(id, pending);
+            }
+        }
+    }
+
+    fn on_gossip(&mut self, event: gossipsub::Event) {
+        match event {
+            gossipsub::Event::Message {
+                propagation_source,
+                message_id,
+                message,
+            } => {
+                let topic = message.topic.as_str().to_owned();
+                let verdict = message.source.ok_or("unsigned message").and_then(|source| {
+                    envelope::open::<Event>(&message.data, &Checks::now().signed_by(source))
+                        .map_err(|_| "bad event envelope")
+                        .and_then(|o| {
+                            if o.value.topic == topic {
+                                Ok(o.value)
+                            } else {
+                                Err("topic mismatch")
+                            }
+                        })
+                });
+                let acceptance = if verdict.is_ok() {
+                    MessageAcceptance::Accept
+                } else {
+                    MessageAcceptance::Reject
+                };
+                self.swarm
+                    .behaviour_mut()
+                    .gossipsub
+                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                match verdict {
+                    Ok(event) if topic == self.mesh.presence_topic() => self.on_presence(event),
+                    Ok(event) => {
+                        if let Some(tx) = self.topics.get(&topic) {
+                            let prefix = format!("skillmesh/{}/app/", self.mesh);
+                            let _ = tx.send(Delivered {
+                                topic: topic.strip_prefix(&prefix).unwrap_or(&topic).to_owned(),
+                                publisher: event.publisher,
+                                seq: event.seq,
+                                issued_at: event.issued_at,
+                                data: event.data.into_vec(),
+                            });
+                        }
+                    }
+                    Err(why) => tracing::debug!(%propagation_source, "rejected gossip: {why}"),
+                }
+            }
+            gossipsub::Event::Subscribed { topic, .. }
+                if topic.as_str() == self.mesh.presence_topic() =>
+            {
+                // A newcomer: tell it about us soon (debounced with other newcomers).
+                let soon = Instant::now() + Duration::from_millis(300);
+                self.presence_due = Some(self.presence_due.map_or(soon, |t| t.min(soon)));
+            }
+            _ => {}
+        }
+    }
+
+    fn on_presence(&mut self, event: Event) {
+        let card = match envelope::open::<AgentCard>(
+            &event.data,
+            &Checks::now().signed_by(event.publisher),
+        ) {
+            Ok(o) => o.value,
+            Err(e) => {
+                tracing::debug!(peer = %event.publisher, "bad presence card: {e}");
+                return;
+            }
+        };
+        if self.presence.len() >= MAX_PRESENCE
+            && !self.presence.contains_key(&card.peer_id)
+            && let Some(oldest) = self
+                .presence
+                .iter()
+                .min_by_key(|(_, p)| p.seen)
+                .map(|(k, _)| *k)
+        {
+            self.presence.remove(&oldest);
+        }
+        for a in &card.addrs {
+            self.swarm.add_peer_address(card.peer_id, a.clone());
+        }
+        self.presence.insert(
+            card.peer_id,
+            Presence {
+                card,
+                seen: Instant::now(),
+            },
+        );
+    }
+}

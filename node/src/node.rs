@@ -1,0 +1,526 @@
+//! The [`Node`] handle: what an agent process holds to use the network.
+
+use std::collections::HashSet;
+use std::path::PathBuf;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::multiaddr::Protocol;
+use libp2p::{Multiaddr, PeerId};
+use serde_bytes::ByteBuf;
+use serde_json::Value;
+use skillmesh_protocol::envelope;
+use skillmesh_protocol::{
+    Call, CallId, CallResult, CallStatus, Event, MAX_CALL_ARGS_BYTES, MAX_CALL_WINDOW,
+    MAX_OUTPUT_BYTES, MeshName, Mode, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
+    ValidationError, from_cbor, to_cbor,
+};
+use tokio::sync::{mpsc, oneshot};
+use tokio::task::JoinHandle;
+
+use crate::behaviour::build_swarm;
+use crate::calls::{Inbound, peek_call_id, read_result};
+use crate::config::{Config, default_data_dir};
+use crate::discovery::{Found, Query};
+use crate::error::{Error, Result};
+use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, PublishReport};
+use crate::events::{PeerInfo, Subscription};
+use crate::identity::Identity;
+use crate::skills::{Registered, Registry, SkillHandler};
+use crate::store::{STORE_FILE, Store, StoreError, StoredCard};
+
+/// How long `build` waits for a first connection when bootstrap peers are configured.
+const BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
+
+/// Builds a [`Node`] from a [`Config`].
+pub struct NodeBuilder {
+    config: Config,
+    data_dir: Option<PathBuf>,
+    identity: Option<Identity>,
+}
+
+impl NodeBuilder {
+    /// Where the node keeps its key and store (default: the per-user data dir).
+    pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
+        self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Uses this identity instead of the one in the data dir.
+    pub fn identity(mut self, identity: Identity) -> Self {
+        self.identity = Some(identity);
+        self
+    }
+
+    /// Starts the node: loads or creates its identity, opens its store, listens, and connects
+    /// to the bootstrap peers. Returns once it listens (and, with bootstrap peers, once it is
+    /// connected to one or [`BOOTSTRAP_WAIT`] has passed).
+    pub async fn build(self) -> Result<Node> {
+        let config = self.config;
+        config.validate()?;
+        let data_dir = match self.data_dir {
+            Some(d) => d,
+            None => default_data_dir().ok_or_else(|| {
+                Error::Invalid(ValidationError::new(
+                    "data_dir",
+                    "no home directory; set a data dir",
+                ))
+            })?,
+        };
+        std::fs::create_dir_all(&data_dir).map_err(|e| {
+            Error::Invalid(ValidationError::new(
+                "data_dir",
+                format!("cannot create {}: {e}", data_dir.display()),
+            ))
+        })?;
+        let identity = match self.identity {
+            Some(id) => id,
+            None => Identity::load_or_create(&data_dir)?.0,
+        };
+        let store = Store::open(&data_dir.join(STORE_FILE), config.store.clone()).await?;
+
+        let mut swarm = build_swarm(identity.keypair().clone(), &config)?;
+        let private = config.mesh.psk_bytes().is_some();
+        for addr in &config.network.listen {
+            if private && addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
+                tracing::warn!(%addr, "QUIC is off in a private mesh (pnet needs TCP); not listening there");
+                continue;
+            }
+            swarm
+                .listen_on(addr.clone())
+                .map_err(|e| Error::Transport(format!("cannot listen on {addr}: {e}")))?;
+        }
+        let mut bootstrap = HashSet::new();
+        for addr in &config.network.bootstrap {
+            let Some(Protocol::P2p(peer)) = addr.iter().last() else {
+                continue;
+            };
+            bootstrap.insert(peer);
+            swarm.behaviour_mut().kad.add_address(&peer, addr.clone());
+            if let Err(e) = swarm.dial(addr.clone()) {
+                tracing::warn!(%addr, "cannot dial bootstrap peer: {e}");
+            }
+        }
+
+        let registry = Registry::default();
+        let signing = identity.signing_key().clone();
+        let inbound = Arc::new(Inbound::new(
+            signing.clone(),
+            registry.clone(),
+            &config.calls,
+        ));
+        let config = Arc::new(config);
+        let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
+        let event_loop = EventLoop::new(
+            swarm,
+            rx,
+            inbound,
+            signing.clone(),
+            registry.clone(),
+            config.clone(),
+            bootstrap.clone(),
+        );
+        let task = tokio::spawn(event_loop.run());
+        let node = Node {
+            inner: Arc::new(Inner {
+                peer_id: signing.peer_id(),
+                signing,
+                mesh: config.mesh_name(),
+                config,
+                registry,
+                store,
+                commands: tx,
+                event_seq: AtomicU64::new(Timestamp::now().as_millis()),
+                task: Mutex::new(Some(task)),
+            }),
+        };
+        let listening = node.request(|reply| Command::ListenAddrs { reply });
+        tokio::time::timeout(Duration::from_secs(5), listening)
+            .await
+            .map_err(|_| Error::Transport("no listen address came up within 5 s".to_owned()))??;
+        if !bootstrap.is_empty() {
+            let connected = node.request(|reply| Command::WaitConnected { reply });
+            if tokio::time::timeout(BOOTSTRAP_WAIT, connected)
+                .await
+                .is_err()
+            {
+                tracing::warn!("no bootstrap peer answered within {BOOTSTRAP_WAIT:?}; continuing");
+            }
+        }
+        let _ = node
+            .request(|reply| Command::Republish { reply: Some(reply) })
+            .await;
+        Ok(node)
+    }
+}
+
+/// Options of one call.
+#[derive(Clone, Debug)]
+pub struct CallOptions {
+    /// Versions of the skill accepted (default: any).
+    pub version_req: semver::VersionReq,
+    /// How long to wait for the result (default: `calls.timeout` of the config).
+    pub timeout: Option<Duration>,
+    /// A grant envelope from the skill's owner, for skills shared by grant.
+    pub grant: Option<Vec<u8>>,
+}
+
+impl Default for CallOptions {
+    fn default() -> Self {
+        CallOptions {
+            version_req: semver::VersionReq::STAR,
+            timeout: None,
+            grant: None,
+        }
+    }
+}
+
+struct Inner {
+    peer_id: PeerId,
+    signing: SigningKey,
+    mesh: MeshName,
+    config: Arc<Config>,
+    registry: Registry,
+    store: Store,
+    commands: mpsc::Sender<Command>,
+    event_seq: AtomicU64,
+    task: Mutex<Option<JoinHandle<()>>>,
+}
+
+/// A running skillmesh node. Cheap to clone; every clone drives the same node. The node stops
+/// when [`Node::shutdown`] is called or the last clone is dropped.
+#[derive(Clone)]
+pub struct Node {
+    inner: Arc<Inner>,
+}
+
+impl std::fmt::Debug for Node {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Node")
+            .field("peer_id", &self.inner.peer_id)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Node {
+    /// Starts building a node.
+    pub fn builder(config: Config) -> NodeBuilder {
+        NodeBuilder {
+            config,
+            data_dir: None,
+            identity: None,
+        }
+    }
+
+    /// This agent's address.
+    pub fn peer_id(&self) -> PeerId {
+        self.inner.peer_id
+    }
+
+    /// The configuration in force.
+    pub fn config(&self) -> &Config {
+        &self.inner.config
+    }
+
+    /// The node's store.
+    pub fn store(&self) -> &Store {
+        &self.inner.store
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.inner
+            .commands
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShutDown)?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Addresses the node listens on, with `/p2p/<peer id>` appended: what others bootstrap from.
+    pub async fn listen_addrs(&self) -> Result<Vec<Multiaddr>> {
+        let addrs = self.request(|reply| Command::ListenAddrs { reply }).await?;
+        Ok(addrs
+            .into_iter()
+            .map(|a| a.with(Protocol::P2p(self.inner.peer_id)))
+            .collect())
+    }
+
+    /// Connects to an address (ending in `/p2p/<peer id>` to check who answers).
+    pub async fn dial(&self, addr: Multiaddr) -> Result<()> {
+        self.request(|reply| Command::Dial { addr, reply }).await?
+    }
+
+    /// Serves a skill: saves its spec, and announces it (provider records for its name and
+    /// tags, and a new signed card) in the DHT. Registering a name again replaces it.
+    pub async fn register_skill(
+        &self,
+        spec: SkillSpec,
+        handler: impl SkillHandler,
+    ) -> Result<PublishReport> {
+        let registered = Registered::new(spec.clone(), Arc::new(handler))?;
+        self.inner.store.put_skill(spec.clone()).await?;
+        {
+            let mut map = self
+                .inner
+                .registry
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            map.insert(spec.name.clone(), Arc::new(registered));
+        }
+        self.request(|reply| Command::Republish { reply: Some(reply) })
+            .await
+    }
+
+    /// Stops serving a skill and withdraws its announcements; false if it was not served.
+    pub async fn unregister_skill(&self, name: &str) -> Result<bool> {
+        let name = SkillName::new(name)?;
+        let removed = {
+            let mut map = self
+                .inner
+                .registry
+                .write()
+                .unwrap_or_else(|e| e.into_inner());
+            map.remove(&name).is_some()
+        };
+        self.inner.store.remove_skill(name).await?;
+        self.request(|reply| Command::Republish { reply: Some(reply) })
+            .await?;
+        Ok(removed)
+    }
+
+    /// The skills this node serves.
+    pub fn skills(&self) -> Vec<SkillSpec> {
+        crate::skills::specs(&self.inner.registry)
+    }
+
+    /// Agents serving a skill of this name, with their verified cards.
+    pub async fn find_skill(&self, name: &str) -> Result<Vec<Found>> {
+        self.find(Query::Skill(SkillName::new(name)?)).await
+    }
+
+    /// Agents serving a skill with this tag.
+    pub async fn find_tag(&self, tag: &str) -> Result<Vec<Found>> {
+        self.find(Query::Tag(Tag::new(tag)?)).await
+    }
+
+    /// Looks a query up in the DHT: providers, then their cards, verified. `NotFound` when no
+    /// agent with a valid card answers it.
+    pub async fn find(&self, query: Query) -> Result<Vec<Found>> {
+        let timeout = self.inner.config.dht.query_timeout;
+        let key = query.key();
+        let providers = tokio::time::timeout(
+            timeout,
+            self.request(|reply| Command::FindProviders { key, reply }),
+        )
+        .await
+        .map_err(|_| Error::Timeout(timeout))??;
+        let cards = providers.into_iter().map(|peer| async move {
+            let card = tokio::time::timeout(
+                timeout,
+                self.request(|reply| Command::GetCard { peer, reply }),
+            )
+            .await;
+            (peer, card)
+        });
+        let mut found = Vec::new();
+        for (peer, card) in libp2p::futures::future::join_all(cards).await {
+            let Ok(Ok(Some((card, bytes)))) = card else {
+                tracing::debug!(%peer, "provider without a valid card");
+                continue;
+            };
+            let skills: Vec<SkillSpec> = card
+                .skills
+                .iter()
+                .filter(|s| query.matches(s))
+                .cloned()
+                .collect();
+            if skills.is_empty() {
+                continue;
+            }
+            self.remember_card(&card, bytes).await;
+            found.push(Found { peer, card, skills });
+        }
+        if found.is_empty() {
+            return Err(Error::NotFound(query.to_string()));
+        }
+        Ok(found)
+    }
+
+    async fn remember_card(&self, card: &skillmesh_protocol::AgentCard, envelope: Vec<u8>) {
+        if card.peer_id == self.inner.peer_id {
+            return;
+        }
+        let _ = self
+            .inner
+            .commands
+            .send(Command::AddAddresses {
+                peer: card.peer_id,
+                addrs: card.addrs.clone(),
+            })
+            .await;
+        // The card came verified from the event loop; keep the signed bytes for later.
+        let stored = StoredCard {
+            seq: card.seq,
+            expires_at: card.expires_at,
+            envelope: ByteBuf::from(envelope),
+        };
+        match self
+            .inner
+            .store
+            .put_card(card.peer_id, stored, Timestamp::now())
+            .await
+        {
+            Ok(()) | Err(StoreError::StaleCard { .. }) => {}
+            Err(e) => tracing::warn!("cannot cache a card: {e}"),
+        }
+    }
+
+    /// Calls a sync skill on `peer` with JSON arguments and returns its JSON output.
+    pub async fn call(&self, peer: PeerId, skill: &str, args: Value) -> Result<Value> {
+        self.call_with(peer, skill, args, CallOptions::default())
+            .await
+    }
+
+    /// [`Node::call`] with options.
+    pub async fn call_with(
+        &self,
+        peer: PeerId,
+        skill: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Value> {
+        let timeout = options
+            .timeout
+            .unwrap_or(self.inner.config.calls.timeout)
+            .min(MAX_CALL_WINDOW);
+        let args = to_cbor(&args);
+        if args.len() > MAX_CALL_ARGS_BYTES {
+            return Err(Error::Invalid(ValidationError::new(
+                "args",
+                format!("{} bytes, at most {MAX_CALL_ARGS_BYTES}", args.len()),
+            )));
+        }
+        let now = Timestamp::now();
+        let call = Call {
+            call_id: CallId(rand::random()),
+            caller: self.inner.peer_id,
+            target: peer,
+            skill: SkillName::new(skill)?,
+            version_req: options.version_req,
+            args: ByteBuf::from(args),
+            issued_at: now,
+            expires_at: now.saturating_add(timeout),
+            mode: Mode::Sync,
+            grant: options.grant.map(ByteBuf::from),
+        };
+        let request = envelope::seal(&self.inner.signing, &call)?;
+        let result = self.send_call(peer, request, call.call_id, timeout).await?;
+        match result.status {
+            CallStatus::Completed => {
+                let out = result.output.unwrap_or_default();
+                from_cbor(&out, MAX_OUTPUT_BYTES).map_err(|e| Error::BadResponse {
+                    peer: Box::new(peer),
+                    reason: format!("output is not JSON-like CBOR: {e}"),
+                })
+            }
+            CallStatus::Failed => Err(Error::Remote(result.error.unwrap_or_else(|| {
+                skillmesh_protocol::CallError::new(
+                    skillmesh_protocol::ErrorCode::Internal,
+                    "no error given",
+                )
+            }))),
+            CallStatus::Accepted => Err(Error::BadResponse {
+                peer: Box::new(peer),
+                reason: "accepted a sync call as async".to_owned(),
+            }),
+        }
+    }
+
+    /// Sends a call envelope signed elsewhere (by this node's key) and returns the callee's
+    /// verified result, whatever its status.
+    pub async fn call_raw(&self, peer: PeerId, envelope: Vec<u8>) -> Result<CallResult> {
+        // Read the id as the callee will, signature unchecked: the answer to a call refused for
+        // its signature still names it.
+        let call_id = peek_call_id(&envelope);
+        self.send_call(peer, envelope, call_id, self.inner.config.calls.timeout)
+            .await
+    }
+
+    async fn send_call(
+        &self,
+        peer: PeerId,
+        request: Vec<u8>,
+        call_id: CallId,
+        timeout: Duration,
+    ) -> Result<CallResult> {
+        let response = tokio::time::timeout(
+            timeout,
+            self.request(|reply| Command::Call {
+                peer,
+                request,
+                reply,
+            }),
+        )
+        .await
+        .map_err(|_| Error::Timeout(timeout))???;
+        read_result(&response, peer, self.inner.peer_id, call_id)
+    }
+
+    /// Subscribes to an application topic (`name` of `a-z A-Z 0-9 . _ - /`) of this mesh.
+    pub async fn subscribe(&self, name: &str) -> Result<Subscription> {
+        let topic = self.inner.mesh.app_topic(name)?;
+        let rx = self
+            .request(|reply| Command::Subscribe { topic, reply })
+            .await??;
+        Ok(Subscription::new(name.to_owned(), rx))
+    }
+
+    /// Publishes `data` on an application topic. Fails with `Publish` when no peer subscribes
+    /// to it yet (normal right after start: gossip meshes form within a heartbeat or two).
+    pub async fn publish(&self, name: &str, data: impl Into<Vec<u8>>) -> Result<()> {
+        let topic = self.inner.mesh.app_topic(name)?;
+        let event = Event {
+            topic: topic.clone(),
+            publisher: self.inner.peer_id,
+            seq: self.inner.event_seq.fetch_add(1, Ordering::Relaxed),
+            issued_at: Timestamp::now(),
+            data: ByteBuf::from(data.into()),
+        };
+        let bytes = envelope::seal(&self.inner.signing, &event)?;
+        self.request(|reply| Command::Publish {
+            topic,
+            data: bytes,
+            reply,
+        })
+        .await?
+    }
+
+    /// Publishes a JSON value.
+    pub async fn publish_json(&self, name: &str, value: &Value) -> Result<()> {
+        self.publish(name, serde_json::to_vec(value).unwrap_or_default())
+            .await
+    }
+
+    /// Agents known to be online (announced on the presence topic recently) or connected now,
+    /// with their skills.
+    pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
+        self.request(|reply| Command::Peers { reply }).await
+    }
+
+    /// Stops the node: calls in flight get up to 5 s to answer, then every connection closes.
+    pub async fn shutdown(&self) -> Result<()> {
+        let _ = self.request(|reply| Command::Shutdown { reply }).await;
+        let task = self
+            .inner
+            .task
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        Ok(())
+    }
+}

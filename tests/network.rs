@@ -1,0 +1,355 @@
+//! Several real nodes over loopback: discovery, calls and every refusal code, events, restart.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{NodeTestExt, eventually, mesh};
+use libp2p::futures::StreamExt;
+use serde_bytes::ByteBuf;
+use serde_json::{Value, json};
+use skillmesh::protocol::envelope;
+use skillmesh::protocol::{
+    Call, CallId, CallStatus, ErrorCode, Mode, ShareMode, SkillSpec, Timestamp,
+};
+use skillmesh::{CallContext, Error, HandlerError, Node};
+
+fn translate_spec() -> SkillSpec {
+    SkillSpec::builder("translate", "1.2.0")
+        .description("English to French, badly")
+        .share(ShareMode::Public)
+        .tag("nlp")
+        .tag("text")
+        .input_schema(json!({
+            "type": "object",
+            "required": ["text"],
+            "properties": {"text": {"type": "string"}}
+        }))
+        .max_arg_bytes(1024)
+        .build()
+        .expect("spec")
+}
+
+async fn translate(_ctx: CallContext, args: Value) -> Result<Value, HandlerError> {
+    let text = args["text"].as_str().ok_or("text must be a string")?;
+    Ok(json!({ "text": text.replace("hello", "bonjour") }))
+}
+
+async fn good_call(caller: &Node, callee: libp2p::PeerId) {
+    let out = caller
+        .call(callee, "translate", json!({"text": "hello world"}))
+        .await
+        .expect("a good call succeeds");
+    assert_eq!(out, json!({"text": "bonjour world"}));
+}
+
+fn remote_code(r: Result<Value, Error>) -> ErrorCode {
+    match r {
+        Err(Error::Remote(e)) => e.code,
+        other => panic!("expected a refusal from the callee, got {other:?}"),
+    }
+}
+
+#[tokio::test]
+async fn skills_are_found_by_name_and_tag_and_called() {
+    let nodes = mesh(2, |_| {}).await;
+    let (b, c) = (&nodes[1], &nodes[2]);
+    let report = c
+        .register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    assert_eq!(report.keys, 3, "name and two tags");
+
+    let found = b.find_served_by("translate", c.peer_id()).await;
+    assert_eq!(found.skills[0].version.to_string(), "1.2.0");
+    assert_eq!(found.card.peer_id, c.peer_id());
+
+    let by_tag = eventually(Duration::from_secs(10), || b.find_tag("nlp")).await;
+    assert!(by_tag.iter().any(|f| f.peer == c.peer_id()));
+    assert!(matches!(
+        b.find_tag("no-such-tag").await,
+        Err(Error::NotFound(_))
+    ));
+    assert!(matches!(
+        b.find_skill("no-such-skill").await,
+        Err(Error::NotFound(_))
+    ));
+
+    good_call(b, c.peer_id()).await;
+    assert_eq!(
+        remote_code(b.call(c.peer_id(), "no-such-skill", json!({})).await),
+        ErrorCode::UnknownSkill
+    );
+    good_call(b, c.peer_id()).await;
+
+    // Withdrawn skills are refused at once, and no longer advertised in the card.
+    assert!(c.unregister_skill("translate").await.expect("unregister"));
+    assert_eq!(
+        remote_code(b.call(c.peer_id(), "translate", json!({"text": "x"})).await),
+        ErrorCode::UnknownSkill
+    );
+}
+
+/// A call from `b`'s key, signed by the test, to reach the callee's checks directly.
+fn signed_call(
+    b: &common::TestNode,
+    target: libp2p::PeerId,
+    args: Value,
+    issued_at: Timestamp,
+    window: Duration,
+) -> (Call, Vec<u8>) {
+    let call = Call {
+        call_id: CallId(rand_id()),
+        caller: b.peer_id(),
+        target,
+        skill: "translate".parse().expect("name"),
+        version_req: "^1".parse().expect("req"),
+        args: ByteBuf::from(skillmesh::protocol::to_cbor(&args)),
+        issued_at,
+        expires_at: issued_at.saturating_add(window),
+        mode: Mode::Sync,
+        grant: None,
+    };
+    let bytes = envelope::seal(b.identity.signing_key(), &call).expect("seal");
+    (call, bytes)
+}
+
+fn rand_id() -> [u8; 16] {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static N: AtomicU64 = AtomicU64::new(1);
+    let mut id = [0u8; 16];
+    id[..8].copy_from_slice(&N.fetch_add(1, Ordering::Relaxed).to_be_bytes());
+    id[8..].copy_from_slice(&Timestamp::now().as_millis().to_be_bytes());
+    id
+}
+
+async fn raw_code(b: &common::TestNode, c: libp2p::PeerId, bytes: Vec<u8>) -> ErrorCode {
+    let r = b.call_raw(c, bytes).await.expect("a signed answer");
+    assert_eq!(r.status, CallStatus::Failed, "{r:?}");
+    r.error.expect("an error").code
+}
+
+#[tokio::test]
+async fn every_refusal_has_its_code_and_the_node_keeps_serving() {
+    let nodes = mesh(2, |c| {
+        c.calls.rate_per_peer = 10;
+        c.calls.burst_per_peer = 20;
+    })
+    .await;
+    let (b, c) = (&nodes[1], &nodes[2]);
+    c.register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    b.find_served_by("translate", c.peer_id()).await;
+    good_call(b, c.peer_id()).await;
+    let now = Timestamp::now;
+    let minute = Duration::from_secs(60);
+
+    // Bad signature: one bit of the signature flipped.
+    let (_, mut bytes) = signed_call(b, c.peer_id(), json!({"text": "hi"}), now(), minute);
+    bytes[40] ^= 1;
+    assert_eq!(
+        raw_code(b, c.peer_id(), bytes).await,
+        ErrorCode::BadSignature
+    );
+    good_call(b, c.peer_id()).await;
+
+    // Replay: the same signed call twice.
+    let (_, bytes) = signed_call(b, c.peer_id(), json!({"text": "hi"}), now(), minute);
+    let first = b.call_raw(c.peer_id(), bytes.clone()).await.expect("first");
+    assert_eq!(first.status, CallStatus::Completed);
+    assert_eq!(raw_code(b, c.peer_id(), bytes).await, ErrorCode::Replayed);
+    good_call(b, c.peer_id()).await;
+
+    // Expired: signed ten minutes ago for four minutes.
+    let old = now().saturating_sub(Duration::from_secs(600));
+    let (_, bytes) = signed_call(
+        b,
+        c.peer_id(),
+        json!({"text": "hi"}),
+        old,
+        Duration::from_secs(240),
+    );
+    assert_eq!(raw_code(b, c.peer_id(), bytes).await, ErrorCode::Expired);
+    good_call(b, c.peer_id()).await;
+
+    // Not yet valid: dated five minutes ahead.
+    let future = now().saturating_add(Duration::from_secs(300));
+    let (_, bytes) = signed_call(b, c.peer_id(), json!({"text": "hi"}), future, minute);
+    assert_eq!(
+        raw_code(b, c.peer_id(), bytes).await,
+        ErrorCode::NotYetValid
+    );
+
+    // Addressed to someone else.
+    let (_, bytes) = signed_call(b, nodes[0].peer_id(), json!({"text": "hi"}), now(), minute);
+    assert_eq!(
+        raw_code(b, c.peer_id(), bytes).await,
+        ErrorCode::WrongTarget
+    );
+
+    // Arguments over the skill's 1 KiB limit.
+    let big = json!({"text": "x".repeat(2000)});
+    assert_eq!(
+        remote_code(b.call(c.peer_id(), "translate", big).await),
+        ErrorCode::ArgsTooLarge
+    );
+    good_call(b, c.peer_id()).await;
+
+    // Arguments that fail the schema.
+    assert_eq!(
+        remote_code(b.call(c.peer_id(), "translate", json!({"txt": 1})).await),
+        ErrorCode::InvalidArgs
+    );
+    good_call(b, c.peer_id()).await;
+
+    // A version the callee does not have.
+    let opts = skillmesh::CallOptions {
+        version_req: "^2".parse().expect("req"),
+        ..Default::default()
+    };
+    assert_eq!(
+        remote_code(
+            b.call_with(c.peer_id(), "translate", json!({"text": "hi"}), opts)
+                .await
+        ),
+        ErrorCode::VersionMismatch
+    );
+
+    // A flood past the rate limit: 60 calls at once against a burst of 20.
+    let flood = (0..60).map(|_| b.call(c.peer_id(), "translate", json!({"text": "hi"})));
+    let results = libp2p::futures::future::join_all(flood).await;
+    let limited = results
+        .iter()
+        .filter(|r| matches!(r, Err(Error::Remote(e)) if e.code == ErrorCode::RateLimited))
+        .count();
+    let ok = results.iter().filter(|r| r.is_ok()).count();
+    assert!(limited > 0, "no call was rate limited");
+    assert_eq!(
+        limited + ok,
+        60,
+        "only successes and rate_limited: {results:?}"
+    );
+    // The bucket refills: good calls are served again.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    good_call(b, c.peer_id()).await;
+}
+
+#[tokio::test]
+async fn events_reach_every_subscriber_and_presence_lists_skills() {
+    let nodes = mesh(2, |_| {}).await;
+    nodes[2]
+        .register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    let mut subs = Vec::new();
+    for n in &nodes {
+        subs.push(n.subscribe("news").await.expect("subscribe"));
+    }
+    // Gossip meshes form within a few heartbeats; until then publishing reports no peers.
+    let first = json!({"n": 1});
+    eventually(Duration::from_secs(10), || {
+        nodes[0].publish_json("news", &first)
+    })
+    .await;
+    for sub in subs.iter_mut().skip(1) {
+        let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("delivered in time")
+            .expect("stream open");
+        assert_eq!(got.topic, "news");
+        assert_eq!(got.publisher, nodes[0].peer_id());
+        assert_eq!(got.json(), Some(json!({"n": 1})));
+    }
+    // Every node hears a second event from another publisher, exactly once.
+    eventually(Duration::from_secs(10), || {
+        nodes[1].publish("news", b"two".to_vec())
+    })
+    .await;
+    for (i, sub) in subs.iter_mut().enumerate() {
+        if i == 1 {
+            continue;
+        }
+        let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
+            .await
+            .expect("delivered")
+            .expect("open");
+        assert_eq!(got.data, b"two");
+    }
+    assert!(
+        tokio::time::timeout(Duration::from_millis(500), subs[2].next())
+            .await
+            .is_err(),
+        "no duplicate delivery"
+    );
+
+    // Presence: node 1 learns node 2 is online and what it serves.
+    let c = nodes[2].peer_id();
+    let info = eventually(Duration::from_secs(10), || async {
+        let peers = nodes[1].peers().await.map_err(|e| e.to_string())?;
+        peers
+            .into_iter()
+            .find(|p| p.peer == c && !p.skills.is_empty())
+            .ok_or_else(|| "not yet".to_owned())
+    })
+    .await;
+    assert_eq!(info.skills[0].name.as_str(), "translate");
+}
+
+#[tokio::test]
+async fn a_restarted_node_keeps_its_peer_id_and_is_found_again() {
+    let mut nodes = mesh(2, |_| {}).await;
+    let c = nodes.pop().expect("c");
+    let b = &nodes[1];
+    c.register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    let before = b.find_served_by("translate", c.peer_id()).await;
+    good_call(b, c.peer_id()).await;
+
+    let peer_id = c.peer_id();
+    let common::TestNode { node, dir, .. } = c;
+    node.shutdown().await.expect("shutdown");
+    drop(node);
+
+    let boot = nodes[0].listen_addrs().await.expect("addrs");
+    let c = common::start_in(common::config(&boot), dir).await;
+    assert_eq!(c.peer_id(), peer_id, "same identity from the same data dir");
+    // The skill's spec was kept; the handler is code, so the agent registers it again.
+    let kept = c.store().skills().await.expect("stored skills");
+    assert_eq!(kept, vec![translate_spec()]);
+    c.register_skill(kept[0].clone(), translate)
+        .await
+        .expect("register again");
+
+    let after = eventually(Duration::from_secs(15), || async {
+        let f = b.find_served_by("translate", peer_id).await;
+        if f.card.seq > before.card.seq {
+            Ok(f)
+        } else {
+            Err("old card")
+        }
+    })
+    .await;
+    assert!(after.card.seq > before.card.seq);
+    eventually(Duration::from_secs(10), || {
+        b.call(peer_id, "translate", json!({"text": "hello"}))
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn discovery_and_calls_work_over_quic() {
+    let nodes = mesh(2, |c| {
+        c.network.listen = vec!["/ip4/127.0.0.1/udp/0/quic-v1".parse().expect("addr")];
+    })
+    .await;
+    let boot = nodes[0].listen_addrs().await.expect("addrs");
+    assert!(boot.iter().all(|a| a.to_string().contains("quic-v1")));
+    let (b, c) = (&nodes[1], &nodes[2]);
+    c.register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    b.find_served_by("translate", c.peer_id()).await;
+    good_call(b, c.peer_id()).await;
+}
