@@ -181,6 +181,17 @@ async fn every_refusal_has_its_code_and_the_node_keeps_serving() {
         ErrorCode::NotYetValid
     );
 
+    // Validly signed, but by another node's key than the connection's peer (b).
+    let a = &nodes[0];
+    let mut forged = signed_call(b, c.peer_id(), json!({"text": "hi"}), now(), minute).0;
+    forged.caller = a.peer_id();
+    let bytes = envelope::seal(a.identity.signing_key(), &forged).expect("seal");
+    assert_eq!(
+        raw_code(b, c.peer_id(), bytes).await,
+        ErrorCode::SignerMismatch
+    );
+    good_call(b, c.peer_id()).await;
+
     // Addressed to someone else.
     let (_, bytes) = signed_call(b, nodes[0].peer_id(), json!({"text": "hi"}), now(), minute);
     assert_eq!(

@@ -6,40 +6,61 @@
 //! at relays for agents that are offline. There is no central server.
 //!
 //! This crate is the node: embed it in an agent process, or run it as the `skillmesh` daemon.
-//! The wire format lives in [`skillmesh_protocol`].
+//! The wire format lives in [`skillmesh_protocol`] (re-exported as [`protocol`]).
 //!
-//! The foundation available now:
-//! - [`identity`]: the node's Ed25519 key, kept in the data dir; its PeerId is the agent's address;
-//! - [`config`]: defaults, a TOML file, environment variables and flags, validated by key;
-//! - [`store`]: durable state in redb (peers, cards, skills, mailbox, call log), bounded.
+//! A [`Node`] is a cheap, cloneable handle to one event loop that owns the libp2p swarm. Build
+//! it from a [`config::Config`]; serve skills with [`Node::register_skill`]; find them with
+//! [`Node::find_skill`] or [`Node::find_tag`]; call them with [`Node::call`]; use gossip with
+//! [`Node::subscribe`] and [`Node::publish`]; see who is online with [`Node::peers`].
 //!
 //! ```
-//! # #[tokio::main(flavor = "current_thread")]
+//! # #[tokio::main(flavor = "multi_thread")]
 //! # async fn main() -> anyhow::Result<()> {
+//! use serde_json::{json, Value};
 //! use skillmesh::config::Config;
-//! use skillmesh::identity::Identity;
-//! use skillmesh::store::{Store, STORE_FILE};
-//! use skillmesh_protocol::{Mode, ShareMode, SkillSpec};
+//! use skillmesh::protocol::{ShareMode, SkillSpec};
+//! use skillmesh::{CallContext, HandlerError, Node};
 //!
-//! let data_dir = tempfile::tempdir()?;
-//! let config = Config::from_toml("[node]\nname = \"translator\"\n")?;
+//! // Loopback only, no mDNS: two agents in one process.
+//! let local = |bootstrap| {
+//!     let mut c = Config::default();
+//!     c.network.listen = vec!["/ip4/127.0.0.1/tcp/0".parse().unwrap()];
+//!     c.network.bootstrap = bootstrap;
+//!     c.network.mdns = false;
+//!     c
+//! };
+//! let (dir_a, dir_b) = (tempfile::tempdir()?, tempfile::tempdir()?);
 //!
-//! // First run creates the identity; later runs load the same one.
-//! let (identity, created) = Identity::load_or_create(data_dir.path())?;
-//! assert!(created);
+//! let alice = Node::builder(local(vec![])).data_dir(dir_a.path()).build().await?;
+//! let spec = SkillSpec::builder("shout", "1.0.0").share(ShareMode::Public).tag("text").build()?;
+//! alice
+//!     .register_skill(spec, |_ctx: CallContext, args: Value| async move {
+//!         let text = args["text"].as_str().ok_or(HandlerError::new("text please"))?;
+//!         Ok::<_, HandlerError>(json!(text.to_uppercase()))
+//!     })
+//!     .await?;
 //!
-//! let store = Store::open(&data_dir.path().join(STORE_FILE), config.store.clone()).await?;
-//! let spec = SkillSpec::builder("translate", "1.0.0")
-//!     .mode(Mode::Sync)
-//!     .share(ShareMode::Public)
-//!     .tag("nlp")
-//!     .build()?;
-//! store.put_skill(spec).await?;
-//! assert_eq!(store.skills().await?.len(), 1);
-//! println!("{} is {}", config.node.name, identity.peer_id());
+//! let bob = Node::builder(local(alice.listen_addrs().await?)).data_dir(dir_b.path()).build().await?;
+//! let found = loop {
+//!     // Provider records reach the DHT as the two connect.
+//!     match bob.find_skill("shout").await {
+//!         Ok(found) => break found,
+//!         Err(_) => tokio::time::sleep(std::time::Duration::from_millis(100)).await,
+//!     }
+//! };
+//! let out = bob.call(found[0].peer, "shout", json!({"text": "hi"})).await?;
+//! assert_eq!(out, json!("HI"));
+//!
+//! bob.shutdown().await?;
+//! alice.shutdown().await?;
 //! # Ok(())
 //! # }
 //! ```
+//!
+//! Underneath:
+//! - [`identity`]: the node's Ed25519 key, kept in the data dir; its PeerId is the agent's address;
+//! - [`config`]: defaults, a TOML file, environment variables and flags, validated by key;
+//! - [`store`]: durable state in redb (peers, cards, skills, mailbox, call log), bounded.
 
 mod access;
 mod behaviour;
