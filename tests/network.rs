@@ -364,3 +364,32 @@ async fn discovery_and_calls_work_over_quic() {
     b.find_served_by("translate", c.peer_id()).await;
     good_call(b, c.peer_id()).await;
 }
+
+#[tokio::test]
+async fn connections_are_trimmed_back_to_the_watermarks() {
+    let small = |c: &mut skillmesh::config::Config| {
+        c.network.min_connections = 2;
+        c.network.max_connections = 3;
+        c.gossip.mesh_n_low = 1;
+        c.gossip.mesh_n = 2;
+        c.gossip.mesh_n_high = 3;
+    };
+    let nodes = mesh(7, small).await;
+    let hub = &nodes[0];
+    let connected = || async {
+        let peers = hub.peers().await.expect("peers");
+        peers.iter().filter(|p| p.connected).count()
+    };
+    // All seven spokes dialled the hub; the hard cap (high + 8) let them in.
+    let peak = eventually(Duration::from_secs(5), || async {
+        let n = connected().await;
+        if n > 3 { Ok(n) } else { Err(n) }
+    })
+    .await;
+    assert!(peak > 3);
+    eventually(Duration::from_secs(10), || async {
+        let n = connected().await;
+        if n <= 3 { Ok(()) } else { Err(n) }
+    })
+    .await;
+}

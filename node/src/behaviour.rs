@@ -50,8 +50,13 @@ pub(crate) struct Behaviour {
 fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
     let peer_id = key.public().to_peer_id();
     let net = &config.network;
+    // The hard cap sits a quarter above the high watermark: room for new peers to arrive
+    // while the event loop trims back to the low watermark.
+    let hard_cap = net
+        .max_connections
+        .saturating_add((net.max_connections / 4).max(8));
     let limits = connection_limits::ConnectionLimits::default()
-        .with_max_established(Some(net.max_connections))
+        .with_max_established(Some(hard_cap))
         .with_max_established_per_peer(Some(net.max_per_peer))
         .with_max_pending_incoming(Some(net.max_pending))
         .with_max_pending_outgoing(Some(net.max_pending));

@@ -142,9 +142,10 @@ pub struct NetworkConfig {
     pub bootstrap: Vec<Multiaddr>,
     /// Find peers on the local network with mDNS.
     pub mdns: bool,
-    /// Connections kept at least, when peers are known (low watermark).
+    /// Low watermark: trimming stops here.
     pub min_connections: u32,
-    /// Connections allowed at most (high watermark); the least useful are trimmed above it.
+    /// High watermark: above it the least useful connections are closed, down to
+    /// `min_connections`; new connections are refused a quarter above it.
     pub max_connections: u32,
     /// Connections being set up at once.
     pub max_pending: u32,

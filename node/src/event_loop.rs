@@ -40,6 +40,8 @@ const RESPONSE_BUFFER: usize = 1024;
 pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
 /// How long shutdown waits for calls in flight to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// How often the connection count is checked against the watermarks.
+const TRIM_INTERVAL: Duration = Duration::from_secs(2);
 /// Presence entries kept; the oldest go first.
 const MAX_PRESENCE: usize = 10_000;
 
@@ -130,8 +132,11 @@ enum Pending {
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    responses_tx: mpsc::Sender<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
-    responses_rx: mpsc::Receiver<(ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    responses_tx: mpsc::Sender<(PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    responses_rx: mpsc::Receiver<(PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    /// Inbound calls being served, per peer: their connections are not trimmed.
+    serving: HashMap<PeerId, u32>,
+    last_trim: Instant,
     inbound: Arc<Inbound>,
     inflight: JoinSet<()>,
     signing: SigningKey,
@@ -179,6 +184,8 @@ impl EventLoop {
             responses_rx,
             inbound,
             inflight: JoinSet::new(),
+            serving: HashMap::new(),
+            last_trim: Instant::now(),
             signing,
             registry,
             config,
@@ -224,9 +231,7 @@ impl EventLoop {
                     None => break None,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((channel, response)) = self.responses_rx.recv() => {
-                    let _ = self.swarm.behaviour_mut().calls.send_response(channel, response);
-                }
+                Some((peer, channel, response)) = self.responses_rx.recv() => self.respond(peer, channel, response),
                 Some(_) = self.inflight.join_next(), if !self.inflight.is_empty() => {}
                 _ = republish.tick() => self.republish(None),
                 _ = presence.tick() => self.presence_due = Some(Instant::now()),
@@ -253,19 +258,13 @@ impl EventLoop {
             tokio::select! {
                 _ = &mut deadline => break,
                 Some(_) = self.inflight.join_next() => {}
-                Some((channel, response)) = self.responses_rx.recv() => {
-                    let _ = self.swarm.behaviour_mut().calls.send_response(channel, response);
-                }
+                Some((peer, channel, response)) = self.responses_rx.recv() => self.respond(peer, channel, response),
                 _ = self.swarm.select_next_some() => {}
             }
         }
         // Flush answers that finished last.
-        while let Ok((channel, response)) = self.responses_rx.try_recv() {
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .calls
-                .send_response(channel, response);
+        while let Ok((peer, channel, response)) = self.responses_rx.try_recv() {
+            self.respond(peer, channel, response);
         }
         self.inflight.abort_all();
         for (_, call) in self.calls.drain() {
@@ -379,6 +378,50 @@ impl EventLoop {
         Ok(rx)
     }
 
+    fn respond(&mut self, peer: PeerId, channel: ResponseChannel<Vec<u8>>, response: Vec<u8>) {
+        if let Some(n) = self.serving.get_mut(&peer) {
+            *n -= 1;
+            if *n == 0 {
+                self.serving.remove(&peer);
+            }
+        }
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .calls
+            .send_response(channel, response);
+    }
+
+    /// Above the high watermark, closes the least useful connections down to the low one.
+    /// Useful: peers in a gossip mesh (events flow through them), and peers with a call in
+    /// flight either way. Without this, gossipsub keeps every connection alive and Kademlia
+    /// dials nearly everyone (DESIGN §4).
+    fn trim_connections(&mut self) {
+        let net = &self.config.network;
+        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
+        if connected.len() <= net.max_connections as usize {
+            return;
+        }
+        let excess = connected.len() - net.min_connections as usize;
+        let mesh: HashSet<PeerId> = self
+            .swarm
+            .behaviour()
+            .gossipsub
+            .all_mesh_peers()
+            .copied()
+            .collect();
+        let calling: HashSet<PeerId> = self.calls.values().map(|c| c.peer).collect();
+        let spare: Vec<PeerId> = connected
+            .into_iter()
+            .filter(|p| !mesh.contains(p) && !calling.contains(p) && !self.serving.contains_key(p))
+            .take(excess)
+            .collect();
+        tracing::debug!(closing = spare.len(), "above the connection high watermark");
+        for peer in spare {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
     fn send_call(&mut self, call: PendingCall) {
         let id = self
             .swarm
@@ -455,6 +498,10 @@ impl EventLoop {
     }
 
     fn housekeeping(&mut self) {
+        if self.last_trim.elapsed() >= TRIM_INTERVAL {
+            self.last_trim = Instant::now();
+            self.trim_connections();
+        }
         if self.presence_due.is_some_and(|t| t <= Instant::now()) {
             self.presence_due = None;
             self.announce_presence();
@@ -581,9 +628,10 @@ impl EventLoop {
                 } => {
                     let inbound = self.inbound.clone();
                     let tx = self.responses_tx.clone();
+                    *self.serving.entry(peer).or_insert(0) += 1;
                     self.inflight.spawn(async move {
                         let response = inbound.handle(peer, request).await;
-                        let _ = tx.send((channel, response)).await;
+                        let _ = tx.send((peer, channel, response)).await;
                     });
                 }
                 request_response::Message::Response {
