@@ -12,6 +12,7 @@ use skillmesh::protocol::envelope;
 use skillmesh::protocol::{
     Call, CallId, CallStatus, ErrorCode, Mode, ShareMode, SkillSpec, Timestamp,
 };
+use skillmesh::store::{CallState, Direction};
 use skillmesh::{CallContext, Error, HandlerError, Node};
 
 fn translate_spec() -> SkillSpec {
@@ -81,6 +82,33 @@ async fn skills_are_found_by_name_and_tag_and_called() {
         ErrorCode::UnknownSkill
     );
     good_call(b, c.peer_id()).await;
+
+    // Both sides log the calls: the callee its three, the caller its three.
+    let expect_log = |node: &Node, direction| {
+        let node = node.clone();
+        async move {
+            let log = node.recent_calls(10).await.map_err(|e| e.to_string())?;
+            let mine: Vec<_> = log
+                .into_iter()
+                .filter(|e| e.direction == direction)
+                .collect();
+            if mine.len() < 3 {
+                return Err(format!("{} entries", mine.len()));
+            }
+            Ok(mine)
+        }
+    };
+    let served = eventually(Duration::from_secs(5), || expect_log(c, Direction::Inbound)).await;
+    assert_eq!(served[0].state, CallState::Completed, "newest first");
+    assert_eq!(served[1].state, CallState::Failed);
+    assert_eq!(served[1].error, Some(ErrorCode::UnknownSkill));
+    assert_eq!(served[1].peer, b.peer_id());
+    let made = eventually(Duration::from_secs(5), || {
+        expect_log(b, Direction::Outbound)
+    })
+    .await;
+    assert_eq!(made[0].skill.as_str(), "translate");
+    assert_eq!(made[0].peer, c.peer_id());
 
     // Withdrawn skills are refused at once, and no longer advertised in the card.
     assert!(c.unregister_skill("translate").await.expect("unregister"));
@@ -392,4 +420,24 @@ async fn connections_are_trimmed_back_to_the_watermarks() {
         if n <= 3 { Ok(()) } else { Err(n) }
     })
     .await;
+}
+
+#[tokio::test]
+async fn event_floods_are_cut_at_the_topic_rate() {
+    let nodes = mesh(1, |c| c.gossip.max_events_per_sec = 3).await;
+    let mut sub = nodes[1].subscribe("flood").await.expect("subscribe");
+    let _keep = nodes[0].subscribe("flood").await.expect("subscribe");
+    eventually(Duration::from_secs(10), || {
+        nodes[0].publish("flood", b"0".to_vec())
+    })
+    .await;
+    for i in 1..30u8 {
+        nodes[0].publish("flood", vec![i]).await.expect("publish");
+    }
+    let mut got = 0;
+    while let Ok(Some(_)) = tokio::time::timeout(Duration::from_millis(700), sub.next()).await {
+        got += 1;
+    }
+    // 30 events within about a second: at most two seconds' budgets of 3 get through.
+    assert!((1..=6).contains(&got), "{got} events delivered");
 }

@@ -14,14 +14,16 @@ use serde_json::Value;
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::{
     Call, CallError, CallId, CallResult, CallStatus, EnvelopeError, ErrorCode, Grant, Kind,
-    MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, ShareMode, SigningKey, Timestamp, Timings, from_cbor,
-    to_cbor,
+    MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, ShareMode, SigningKey, SkillName, Timestamp, Timings,
+    from_cbor, to_cbor,
 };
 use tokio::sync::Semaphore;
 
 use crate::access::{PeerSlots, RateLimiter, ReplayCache, replay_horizon};
+use crate::call_log::CallLog;
 use crate::config::CallsConfig;
 use crate::skills::{CallContext, Registry};
+use crate::store::{CallLogEntry, CallState, Direction};
 
 /// Replay cache entries at most; at 100 calls/s per peer and a 6-minute horizon this is room
 /// for several busy peers, and at ~150 bytes an entry about 30 MB in the worst case.
@@ -39,10 +41,16 @@ pub(crate) struct Inbound {
     rate: Mutex<RateLimiter>,
     per_peer: PeerSlots,
     global: Arc<Semaphore>,
+    log: CallLog,
 }
 
 impl Inbound {
-    pub(crate) fn new(signing: SigningKey, registry: Registry, config: &CallsConfig) -> Self {
+    pub(crate) fn new(
+        signing: SigningKey,
+        registry: Registry,
+        config: &CallsConfig,
+        log: CallLog,
+    ) -> Self {
         Inbound {
             me: signing.peer_id(),
             signing,
@@ -56,17 +64,31 @@ impl Inbound {
             )),
             per_peer: PeerSlots::new(config.max_inbound_per_peer),
             global: Arc::new(Semaphore::new(config.max_inbound as usize)),
+            log,
         }
     }
 
     /// Checks and runs one call from `peer`; returns the signed result envelope.
     pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
         let received = Instant::now();
-        let call_id = peek_call_id(&request);
+        let started_at = Timestamp::now();
+        let (call_id, skill_name) = peek(&request);
         let (status, output, error, run_ms) = match self.admit_and_run(peer, &request).await {
             Ok((out, run)) => (CallStatus::Completed, Some(ByteBuf::from(out)), None, run),
             Err(e) => (CallStatus::Failed, None, Some(e), 0),
         };
+        if let Some(skill) = skill_name {
+            self.log.record(CallLogEntry {
+                call_id,
+                direction: Direction::Inbound,
+                peer,
+                skill,
+                state: final_state(error.as_ref()),
+                error: error.as_ref().map(|e| e.code),
+                started_at,
+                updated_at: started_at,
+            });
+        }
         let total = received.elapsed().as_millis();
         let result = CallResult {
             call_id,
@@ -301,19 +323,30 @@ fn refusal(e: EnvelopeError) -> CallError {
     CallError::new(code, e.to_string())
 }
 
-/// The call id of a request, read without trusting it, so that even a refusal names the call
-/// it answers. Zero when it cannot be read.
-pub(crate) fn peek_call_id(request: &[u8]) -> CallId {
+/// The call id (and skill) of a request, read without trusting them, so that even a refusal
+/// names the call it answers. A zero id when it cannot be read.
+pub(crate) fn peek(request: &[u8]) -> (CallId, Option<SkillName>) {
     #[derive(serde::Deserialize)]
     struct Peek {
         call_id: CallId,
+        skill: Option<SkillName>,
     }
     request
         .get(skillmesh_protocol::ENVELOPE_HEADER_BYTES..)
         .filter(|_| request.get(3) == Some(&Kind::Call.code()))
         .and_then(|payload| from_cbor::<Peek>(payload, Kind::Call.max_payload()).ok())
-        .map(|p| p.call_id)
-        .unwrap_or(CallId([0; 16]))
+        .map(|p| (p.call_id, p.skill))
+        .unwrap_or((CallId([0; 16]), None))
+}
+
+/// Where a call ended, for the log.
+pub(crate) fn final_state(error: Option<&CallError>) -> CallState {
+    match error.map(|e| e.code) {
+        None => CallState::Completed,
+        Some(ErrorCode::Timeout) => CallState::Timeout,
+        Some(ErrorCode::Cancelled) => CallState::Cancelled,
+        Some(_) => CallState::Failed,
+    }
 }
 
 /// Reads a signed result from `peer` for a call we made.

@@ -158,6 +158,8 @@ pub(crate) struct EventLoop {
     next_group: u64,
 
     topics: HashMap<String, broadcast::Sender<Delivered>>,
+    /// Events accepted per topic in the current second: (second, count).
+    topic_rate: HashMap<String, (u64, u32)>,
     presence: HashMap<PeerId, Presence>,
     presence_due: Option<Instant>,
     event_seq: u64,
@@ -202,6 +204,7 @@ impl EventLoop {
             groups: HashMap::new(),
             next_group: 0,
             topics: HashMap::new(),
+            topic_rate: HashMap::new(),
             presence: HashMap::new(),
             presence_due: None,
             // Seeded from the clock so event ids stay unique across restarts.
@@ -849,15 +852,19 @@ impl EventLoop {
                             }
                         })
                 });
-                let acceptance = if verdict.is_ok() {
-                    MessageAcceptance::Accept
-                } else {
-                    MessageAcceptance::Reject
+                let acceptance = match &verdict {
+                    Ok(_) if !self.within_topic_rate(&topic) => MessageAcceptance::Ignore,
+                    Ok(_) => MessageAcceptance::Accept,
+                    Err(_) => MessageAcceptance::Reject,
                 };
                 self.swarm
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                if acceptance == MessageAcceptance::Ignore {
+                    tracing::debug!(%topic, "over gossip.max_events_per_sec; event ignored");
+                    return;
+                }
                 match verdict {
                     Ok(event) if topic == self.mesh.presence_topic() => self.on_presence(event),
                     Ok(event) => {
@@ -884,6 +891,25 @@ impl EventLoop {
             }
             _ => {}
         }
+    }
+
+    /// Counts an event against its topic's budget for this second.
+    fn within_topic_rate(&mut self, topic: &str) -> bool {
+        let second = Timestamp::now().as_millis() / 1000;
+        if !self.topic_rate.contains_key(topic) && self.topic_rate.len() > MAX_TOPICS {
+            // Only subscribed topics (and presence) reach here; clear stale seconds.
+            self.topic_rate.retain(|_, (s, _)| *s == second);
+        }
+        let (s, n) = self
+            .topic_rate
+            .entry(topic.to_owned())
+            .or_insert((second, 0));
+        if *s != second {
+            *s = second;
+            *n = 0;
+        }
+        *n += 1;
+        *n <= self.config.gossip.max_events_per_sec
     }
 
     fn on_presence(&mut self, event: Event) {

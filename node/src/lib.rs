@@ -64,6 +64,7 @@
 
 mod access;
 mod behaviour;
+mod call_log;
 mod calls;
 pub mod config;
 mod discovery;

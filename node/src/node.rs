@@ -20,7 +20,8 @@ use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
 use crate::behaviour::build_swarm;
-use crate::calls::{Inbound, peek_call_id, read_result};
+use crate::call_log::CallLog;
+use crate::calls::{Inbound, final_state, peek, read_result};
 use crate::config::{Config, default_data_dir};
 use crate::discovery::{Found, Query};
 use crate::error::{Error, Result};
@@ -28,7 +29,7 @@ use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, PublishReport};
 use crate::events::{PeerInfo, Subscription};
 use crate::identity::Identity;
 use crate::skills::{Registered, Registry, SkillHandler};
-use crate::store::{STORE_FILE, Store, StoreError, StoredCard};
+use crate::store::{CallLogEntry, Direction, STORE_FILE, Store, StoreError, StoredCard};
 
 /// How long `build` waits for a first connection when bootstrap peers are configured.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
@@ -105,10 +106,12 @@ impl NodeBuilder {
 
         let registry = Registry::default();
         let signing = identity.signing_key().clone();
+        let log = CallLog::start(store.clone());
         let inbound = Arc::new(Inbound::new(
             signing.clone(),
             registry.clone(),
             &config.calls,
+            log.clone(),
         ));
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
@@ -131,6 +134,7 @@ impl NodeBuilder {
                 registry,
                 store,
                 commands: tx,
+                log,
                 event_seq: AtomicU64::new(Timestamp::now().as_millis()),
                 task: Mutex::new(Some(task)),
             }),
@@ -184,6 +188,7 @@ struct Inner {
     registry: Registry,
     store: Store,
     commands: mpsc::Sender<Command>,
+    log: CallLog,
     event_seq: AtomicU64,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -416,7 +421,29 @@ impl Node {
             grant: options.grant.map(ByteBuf::from),
         };
         let request = envelope::seal(&self.inner.signing, &call)?;
-        let result = self.send_call(peer, request, call.call_id, timeout).await?;
+        let result = self.send_call(peer, request, call.call_id, timeout).await;
+        let error = match &result {
+            Ok(r) => r.error.clone(),
+            Err(Error::Timeout(_)) => Some(skillmesh_protocol::CallError::new(
+                skillmesh_protocol::ErrorCode::Timeout,
+                "no answer in time",
+            )),
+            Err(e) => Some(skillmesh_protocol::CallError::new(
+                skillmesh_protocol::ErrorCode::Internal,
+                e.to_string(),
+            )),
+        };
+        self.inner.log.record(CallLogEntry {
+            call_id: call.call_id,
+            direction: Direction::Outbound,
+            peer,
+            skill: call.skill.clone(),
+            state: final_state(error.as_ref()),
+            error: error.map(|e| e.code),
+            started_at: now,
+            updated_at: now,
+        });
+        let result = result?;
         match result.status {
             CallStatus::Completed => {
                 let out = result.output.unwrap_or_default();
@@ -443,7 +470,7 @@ impl Node {
     pub async fn call_raw(&self, peer: PeerId, envelope: Vec<u8>) -> Result<CallResult> {
         // Read the id as the callee will, signature unchecked: the answer to a call refused for
         // its signature still names it.
-        let call_id = peek_call_id(&envelope);
+        let (call_id, _) = peek(&envelope);
         self.send_call(peer, envelope, call_id, self.inner.config.calls.timeout)
             .await
     }
@@ -507,6 +534,17 @@ impl Node {
     /// with their skills.
     pub async fn peers(&self) -> Result<Vec<PeerInfo>> {
         self.request(|reply| Command::Peers { reply }).await
+    }
+
+    /// The newest `limit` calls this node made or served, newest first. Entries are written in
+    /// the background, a moment after each call ends.
+    pub async fn recent_calls(&self, limit: usize) -> Result<Vec<CallLogEntry>> {
+        Ok(self.inner.store.recent_calls(limit).await?)
+    }
+
+    /// Call log entries dropped because the disk fell behind.
+    pub fn call_log_dropped(&self) -> u64 {
+        self.inner.log.dropped()
     }
 
     /// Stops the node: calls in flight get up to 5 s to answer, then every connection closes.

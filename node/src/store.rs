@@ -730,23 +730,39 @@ impl Store {
 
     /// Adds a call or updates its state, dropping the oldest entries beyond the limit.
     pub async fn log_call(&self, entry: CallLogEntry) -> Result<(), StoreError> {
+        self.log_calls(vec![entry], true).await
+    }
+
+    /// Adds or updates many calls in one transaction. With `durable` false the commit is not
+    /// fsynced (a later durable commit, or a clean close, persists it): the call log is a
+    /// record for people, and must not cost every call a disk flush.
+    pub async fn log_calls(
+        &self,
+        entries: Vec<CallLogEntry>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
         self.run(move |db, limits| {
-            let tx = db.begin_write()?;
+            let mut tx = db.begin_write()?;
+            if !durable {
+                let _ = tx.set_durability(redb::Durability::None);
+            }
             {
                 let mut log = tx.open_table(CALL_LOG)?;
                 let mut index = tx.open_table(CALL_INDEX)?;
-                let ikey = call_index_key(&entry.call_id, entry.direction);
-                let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
-                let key = match existing {
-                    Some(k) => k,
-                    None => {
-                        let mut k = entry.started_at.as_millis().to_be_bytes().to_vec();
-                        k.extend_from_slice(&ikey);
-                        index.insert(ikey.as_slice(), k.as_slice())?;
-                        k
-                    }
-                };
-                log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
+                for entry in entries {
+                    let ikey = call_index_key(&entry.call_id, entry.direction);
+                    let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
+                    let key = match existing {
+                        Some(k) => k,
+                        None => {
+                            let mut k = entry.started_at.as_millis().to_be_bytes().to_vec();
+                            k.extend_from_slice(&ikey);
+                            index.insert(ikey.as_slice(), k.as_slice())?;
+                            k
+                        }
+                    };
+                    log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
+                }
                 while log.len()? > limits.max_call_log {
                     let Some((k, _)) = log.pop_first()? else {
                         break;
