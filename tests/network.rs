@@ -441,3 +441,40 @@ async fn event_floods_are_cut_at_the_topic_rate() {
     // 30 events within about a second: at most two seconds' budgets of 3 get through.
     assert!((1..=6).contains(&got), "{got} events delivered");
 }
+
+#[tokio::test]
+async fn a_private_mesh_admits_only_nodes_with_its_key() {
+    let key_a = "11".repeat(32);
+    let nodes = mesh(1, |c| c.mesh.psk = key_a.clone()).await;
+    let (a, b) = (&nodes[0], &nodes[1]);
+    a.register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    b.find_served_by("translate", a.peer_id()).await;
+    good_call(b, a.peer_id()).await;
+
+    // Another mesh's node cannot even connect to a member.
+    let boot = a.listen_addrs().await.expect("addrs");
+    let mut other = common::config(&[]);
+    other.mesh.psk = "22".repeat(32);
+    let outsider = common::start(other).await;
+    outsider.dial(boot[0].clone()).await.expect("dial starts");
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    let peers = outsider.peers().await.expect("peers");
+    assert!(
+        peers.iter().all(|p| !p.connected),
+        "connected across meshes: {peers:?}"
+    );
+    // A wrong key garbles the handshake; the outsider's call cannot get through.
+    let quick = skillmesh::CallOptions {
+        timeout: Some(Duration::from_secs(2)),
+        ..Default::default()
+    };
+    let r = outsider
+        .call_with(a.peer_id(), "translate", json!({"text": "hi"}), quick)
+        .await;
+    assert!(
+        matches!(r, Err(Error::Unreachable { .. } | Error::Timeout(_))),
+        "{r:?}"
+    );
+}
