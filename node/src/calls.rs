@@ -22,6 +22,7 @@ use tokio::sync::Semaphore;
 use crate::access::{PeerSlots, RateLimiter, ReplayCache, replay_horizon};
 use crate::call_log::CallLog;
 use crate::config::CallsConfig;
+use crate::metrics::NodeMetrics;
 use crate::skills::{CallContext, Registry};
 use crate::store::{CallLogEntry, CallState, Direction};
 
@@ -42,6 +43,7 @@ pub(crate) struct Inbound {
     per_peer: PeerSlots,
     global: Arc<Semaphore>,
     log: CallLog,
+    metrics: NodeMetrics,
 }
 
 impl Inbound {
@@ -50,6 +52,7 @@ impl Inbound {
         registry: Registry,
         config: &CallsConfig,
         log: CallLog,
+        metrics: NodeMetrics,
     ) -> Self {
         Inbound {
             me: signing.peer_id(),
@@ -65,6 +68,7 @@ impl Inbound {
             per_peer: PeerSlots::new(config.max_inbound_per_peer),
             global: Arc::new(Semaphore::new(config.max_inbound as usize)),
             log,
+            metrics,
         }
     }
 
@@ -77,6 +81,11 @@ impl Inbound {
             Ok((out, run)) => (CallStatus::Completed, Some(ByteBuf::from(out)), None, run),
             Err(e) => (CallStatus::Failed, None, Some(e), 0),
         };
+        self.metrics.call(
+            true,
+            error.as_ref().map_or("ok", |e| e.code.name()),
+            received.elapsed(),
+        );
         if let Some(skill) = skill_name {
             self.log.record(CallLogEntry {
                 call_id,

@@ -24,6 +24,7 @@ use libp2p::Multiaddr;
 use serde::{Deserialize, Serialize};
 use skillmesh_protocol::MeshName;
 
+use crate::backing::SkillDecl;
 use crate::store::StoreLimits;
 
 /// Environment variable prefix of config keys.
@@ -114,6 +115,26 @@ pub struct Config {
     pub gossip: GossipConfig,
     /// Table bounds.
     pub store: StoreLimits,
+    /// The local control API.
+    pub api: ApiConfig,
+    /// Skills the daemon serves, backed by a command or a local HTTP endpoint.
+    pub skills: Vec<SkillDecl>,
+}
+
+/// `[api]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ApiConfig {
+    /// Loopback address of the control API (port 0: any free port, written to the data dir).
+    pub listen: std::net::SocketAddr,
+}
+
+impl Default for ApiConfig {
+    fn default() -> Self {
+        ApiConfig {
+            listen: std::net::SocketAddr::from(([127, 0, 0, 1], 0)),
+        }
+    }
 }
 
 /// `[node]`
@@ -562,6 +583,29 @@ impl Config {
             ("store.mail_bytes_total", s.mail_bytes_total),
         ] {
             at_least(k, v, 1)?;
+        }
+        if !self.api.listen.ip().is_loopback() {
+            return Err(invalid(
+                "api.listen",
+                self.api.listen,
+                "must be a loopback address: the control API is for this machine only",
+            ));
+        }
+        for (i, decl) in self.skills.iter().enumerate() {
+            if let Err(e) = decl.resolve() {
+                return Err(invalid(
+                    &format!("skills[{i}].{}", e.field),
+                    &decl.name,
+                    e.reason,
+                ));
+            }
+            if self.skills[..i].iter().any(|d| d.name == decl.name) {
+                return Err(invalid(
+                    &format!("skills[{i}].name"),
+                    &decl.name,
+                    "declared twice",
+                ));
+            }
         }
         if s.max_skills > skillmesh_protocol::MAX_SKILLS_PER_CARD as u64 {
             return Err(invalid(

@@ -30,6 +30,7 @@ use crate::config::Config;
 use crate::discovery::{build_card, provider_keys, verify_card_record};
 use crate::error::{Error, Result};
 use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
+use crate::metrics::NodeMetrics;
 use crate::skills::{self, Registry};
 
 /// Commands waiting for the loop; senders wait (backpressure) when it is full.
@@ -139,6 +140,8 @@ pub(crate) struct EventLoop {
     last_trim: Instant,
     inbound: Arc<Inbound>,
     inflight: JoinSet<()>,
+    metrics: NodeMetrics,
+    p2p_metrics: libp2p::metrics::Metrics,
     signing: SigningKey,
     registry: Registry,
     config: Arc<Config>,
@@ -175,6 +178,8 @@ impl EventLoop {
         registry: Registry,
         config: Arc<Config>,
         bootstrap: HashSet<PeerId>,
+        metrics: NodeMetrics,
+        p2p_metrics: libp2p::metrics::Metrics,
     ) -> Self {
         let (responses_tx, responses_rx) = mpsc::channel(RESPONSE_BUFFER);
         let mesh = config.mesh_name();
@@ -186,6 +191,8 @@ impl EventLoop {
             responses_rx,
             inbound,
             inflight: JoinSet::new(),
+            metrics,
+            p2p_metrics,
             serving: HashMap::new(),
             last_trim: Instant::now(),
             signing,
@@ -579,6 +586,20 @@ impl EventLoop {
     }
 
     fn on_swarm_event(&mut self, event: SwarmEvent<BehaviourEvent>) {
+        use libp2p::metrics::Recorder;
+        self.p2p_metrics.record(&event);
+        match &event {
+            SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.p2p_metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.p2p_metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.p2p_metrics.record(e),
+            SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
+                self.metrics
+                    .peers
+                    .set(i64::try_from(self.swarm.connected_peers().count()).unwrap_or(i64::MAX));
+            }
+            _ => {}
+        }
         match event {
             SwarmEvent::NewListenAddr { address, .. } => {
                 tracing::info!(%address, "listening");
@@ -861,6 +882,9 @@ impl EventLoop {
                     .behaviour_mut()
                     .gossipsub
                     .report_message_validation_result(&message_id, &propagation_source, acceptance);
+                if verdict.is_err() {
+                    self.metrics.events_rejected.inc();
+                }
                 if acceptance == MessageAcceptance::Ignore {
                     tracing::debug!(%topic, "over gossip.max_events_per_sec; event ignored");
                     return;
@@ -868,6 +892,7 @@ impl EventLoop {
                 match verdict {
                     Ok(event) if topic == self.mesh.presence_topic() => self.on_presence(event),
                     Ok(event) => {
+                        self.metrics.events_received.inc();
                         if let Some(tx) = self.topics.get(&topic) {
                             let prefix = format!("skillmesh/{}/app/", self.mesh);
                             let _ = tx.send(Delivered {

@@ -63,15 +63,18 @@
 //! - [`store`]: durable state in redb (peers, cards, skills, mailbox, call log), bounded.
 
 mod access;
+pub mod backing;
 mod behaviour;
 mod call_log;
 mod calls;
 pub mod config;
+pub mod control;
 mod discovery;
 mod error;
 mod event_loop;
 mod events;
 pub mod identity;
+mod metrics;
 mod node;
 mod skills;
 pub mod store;

@@ -28,6 +28,7 @@ use crate::error::{Error, Result};
 use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, PublishReport};
 use crate::events::{PeerInfo, Subscription};
 use crate::identity::Identity;
+use crate::metrics::{Metrics, NodeMetrics};
 use crate::skills::{Registered, Registry, SkillHandler};
 use crate::store::{CallLogEntry, Direction, STORE_FILE, Store, StoreError, StoredCard};
 
@@ -88,6 +89,7 @@ impl NodeBuilder {
                 tracing::warn!(%addr, "QUIC is off in a private mesh (pnet needs TCP); not listening there");
                 continue;
             }
+            probe_port(addr)?;
             swarm
                 .listen_on(addr.clone())
                 .map_err(|e| Error::Transport(format!("cannot listen on {addr}: {e}")))?;
@@ -107,11 +109,13 @@ impl NodeBuilder {
         let registry = Registry::default();
         let signing = identity.signing_key().clone();
         let log = CallLog::start(store.clone());
+        let metrics = Metrics::new();
         let inbound = Arc::new(Inbound::new(
             signing.clone(),
             registry.clone(),
             &config.calls,
             log.clone(),
+            metrics.node.clone(),
         ));
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
@@ -123,6 +127,8 @@ impl NodeBuilder {
             registry.clone(),
             config.clone(),
             bootstrap.clone(),
+            metrics.node.clone(),
+            metrics.libp2p,
         );
         let task = tokio::spawn(event_loop.run());
         let node = Node {
@@ -135,6 +141,8 @@ impl NodeBuilder {
                 store,
                 commands: tx,
                 log,
+                metrics: metrics.node,
+                registry_metrics: metrics.registry,
                 event_seq: AtomicU64::new(Timestamp::now().as_millis()),
                 task: Mutex::new(Some(task)),
             }),
@@ -157,6 +165,34 @@ impl NodeBuilder {
             .await;
         Ok(node)
     }
+}
+
+/// Fails if a fixed port in `addr` is taken. libp2p listens with `SO_REUSEPORT`, so a second
+/// node on a busy port would share it silently instead of failing; a plain socket finds out.
+fn probe_port(addr: &Multiaddr) -> Result<()> {
+    let mut ip = None;
+    for p in addr.iter() {
+        match p {
+            Protocol::Ip4(a) => ip = Some(std::net::IpAddr::V4(a)),
+            Protocol::Ip6(a) => ip = Some(std::net::IpAddr::V6(a)),
+            Protocol::Tcp(port) if port != 0 => {
+                if let Some(ip) = ip
+                    && let Err(e) = std::net::TcpListener::bind((ip, port))
+                {
+                    return Err(Error::Transport(format!("cannot listen on {addr}: {e}")));
+                }
+            }
+            Protocol::Udp(port) if port != 0 => {
+                if let Some(ip) = ip
+                    && let Err(e) = std::net::UdpSocket::bind((ip, port))
+                {
+                    return Err(Error::Transport(format!("cannot listen on {addr}: {e}")));
+                }
+            }
+            _ => {}
+        }
+    }
+    Ok(())
 }
 
 /// Options of one call.
@@ -189,6 +225,8 @@ struct Inner {
     store: Store,
     commands: mpsc::Sender<Command>,
     log: CallLog,
+    metrics: NodeMetrics,
+    registry_metrics: Arc<prometheus_client::registry::Registry>,
     event_seq: AtomicU64,
     task: Mutex<Option<JoinHandle<()>>>,
 }
@@ -264,7 +302,16 @@ impl Node {
         spec: SkillSpec,
         handler: impl SkillHandler,
     ) -> Result<PublishReport> {
-        let registered = Registered::new(spec.clone(), Arc::new(handler))?;
+        self.register_shared(spec, Arc::new(handler)).await
+    }
+
+    /// [`Node::register_skill`] with a shared handler (e.g. a config-declared backing).
+    pub async fn register_shared(
+        &self,
+        spec: SkillSpec,
+        handler: Arc<dyn SkillHandler>,
+    ) -> Result<PublishReport> {
+        let registered = Registered::new(spec.clone(), handler)?;
         self.inner.store.put_skill(spec.clone()).await?;
         {
             let mut map = self
@@ -421,6 +468,7 @@ impl Node {
             grant: options.grant.map(ByteBuf::from),
         };
         let request = envelope::seal(&self.inner.signing, &call)?;
+        let started = std::time::Instant::now();
         let result = self.send_call(peer, request, call.call_id, timeout).await;
         let error = match &result {
             Ok(r) => r.error.clone(),
@@ -433,6 +481,11 @@ impl Node {
                 e.to_string(),
             )),
         };
+        self.inner.metrics.call(
+            false,
+            error.as_ref().map_or("ok", |e| e.code.name()),
+            started.elapsed(),
+        );
         self.inner.log.record(CallLogEntry {
             call_id: call.call_id,
             direction: Direction::Outbound,
@@ -540,6 +593,11 @@ impl Node {
     /// the background, a moment after each call ends.
     pub async fn recent_calls(&self, limit: usize) -> Result<Vec<CallLogEntry>> {
         Ok(self.inner.store.recent_calls(limit).await?)
+    }
+
+    /// Every metric of this node in the Prometheus text format.
+    pub fn metrics_text(&self) -> String {
+        crate::metrics::render(&self.inner.registry_metrics)
     }
 
     /// Call log entries dropped because the disk fell behind.

@@ -1,8 +1,15 @@
 //! Command-line interface: global options, and one module per command.
 
+mod call;
+mod client;
 mod config;
+mod events;
+mod find;
 mod init;
 mod keys;
+mod run;
+mod skills;
+mod status;
 
 use std::path::PathBuf;
 
@@ -13,6 +20,12 @@ use skillmesh::config::{CONFIG_FILE, Config};
 pub(crate) const EXIT_FAILURE: u8 = 1;
 /// Exit code of bad usage or bad configuration (as clap uses).
 pub(crate) const EXIT_USAGE: u8 = 2;
+/// Exit code when no node is running for the data dir.
+pub(crate) const EXIT_NO_DAEMON: u8 = 3;
+/// Exit code when nothing serves the skill, or the agent cannot be reached in time.
+pub(crate) const EXIT_NOT_FOUND: u8 = 4;
+/// Exit code when the callee refused or failed the call.
+pub(crate) const EXIT_FAILED_CALL: u8 = 5;
 
 /// skillmesh: a peer-to-peer network for AI agents.
 #[derive(Parser, Debug)]
@@ -44,6 +57,22 @@ pub(crate) struct Cli {
 enum Command {
     /// Create the identity and a default config in the data dir; print the PeerId.
     Init(init::Args),
+    /// Run the node in the foreground, with its control API, until Ctrl-C.
+    Run(run::Args),
+    /// What the running node knows about itself.
+    Status,
+    /// Agents online or connected.
+    Peers,
+    /// The skills the running node serves.
+    #[command(subcommand)]
+    Skills(skills::Command),
+    /// Find agents serving a skill, by name or --tag.
+    Find(find::Args),
+    /// Call a skill.
+    Call(call::Args),
+    /// Publish or follow gossip events.
+    #[command(subcommand)]
+    Events(events::Command),
     /// Show this node's keys.
     #[command(subcommand)]
     Keys(keys::Command),
@@ -123,6 +152,13 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
     };
     match cli.command {
         Command::Init(args) => init::run(&ctx, args).await,
+        Command::Run(args) => run::run(&ctx, args).await,
+        Command::Status => status::status(&ctx).await,
+        Command::Peers => status::peers(&ctx).await,
+        Command::Skills(cmd) => skills::run(&ctx, cmd).await,
+        Command::Find(args) => find::run(&ctx, args).await,
+        Command::Call(args) => call::run(&ctx, args).await,
+        Command::Events(cmd) => events::run(&ctx, cmd).await,
         Command::Keys(cmd) => keys::run(&ctx, cmd).await,
         Command::Config(cmd) => config::run(&ctx, cmd).await,
     }

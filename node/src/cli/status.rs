@@ -1,0 +1,70 @@
+//! `skillmesh status` and `skillmesh peers`: what the running node knows.
+
+use serde_json::Value;
+
+use super::client::Api;
+use super::{CliError, Context, print_json};
+
+pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
+    let api = Api::connect(ctx)?;
+    let s: Value = api
+        .send(api.request(reqwest::Method::GET, "/v1/status"))
+        .await?;
+    if ctx.json {
+        print_json(&s);
+        return Ok(());
+    }
+    println!("peer id:   {}", s["peer_id"].as_str().unwrap_or("?"));
+    println!("name:      {}", s["name"].as_str().unwrap_or("?"));
+    println!("mesh:      {}", s["mesh"].as_str().unwrap_or("?"));
+    println!(
+        "peers:     {} connected, {} known",
+        s["connected_peers"], s["known_peers"]
+    );
+    for a in s["listen_addrs"].as_array().into_iter().flatten() {
+        println!("listening: {}", a.as_str().unwrap_or("?"));
+    }
+    for sk in s["skills"].as_array().into_iter().flatten() {
+        println!(
+            "serving:   {} {}",
+            sk["name"].as_str().unwrap_or("?"),
+            sk["version"].as_str().unwrap_or("?")
+        );
+    }
+    Ok(())
+}
+
+pub(crate) async fn peers(ctx: &Context) -> Result<(), CliError> {
+    let api = Api::connect(ctx)?;
+    let peers: Value = api
+        .send(api.request(reqwest::Method::GET, "/v1/peers"))
+        .await?;
+    if ctx.json {
+        print_json(&peers);
+        return Ok(());
+    }
+    let list = peers.as_array().cloned().unwrap_or_default();
+    if list.is_empty() {
+        println!("no peers yet");
+    }
+    for p in list {
+        let skills: Vec<&str> = p["skills"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .filter_map(Value::as_str)
+            .collect();
+        println!(
+            "{} {:<20} {:<10} {}",
+            p["peer_id"].as_str().unwrap_or("?"),
+            p["name"].as_str().unwrap_or("-"),
+            if p["connected"].as_bool() == Some(true) {
+                "connected"
+            } else {
+                "seen"
+            },
+            skills.join(", ")
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,513 @@
+//! The local control API (DESIGN §10): how the CLI, and agents written in other languages,
+//! drive a running node. HTTP + JSON on a loopback address, every request carrying the token
+//! the daemon wrote to its data dir (mode 0600) as `Authorization: Bearer <token>`.
+//!
+//! | method and path | does |
+//! | --- | --- |
+//! | `GET /v1/status` | peer id, addresses, connections, served skills |
+//! | `GET /v1/peers` | agents online (presence) or connected |
+//! | `GET /v1/skills` | skills served |
+//! | `POST /v1/skills` | serve a skill: a declaration with `command` or `http` (a callback URL) |
+//! | `DELETE /v1/skills/{name}` | stop serving it |
+//! | `GET /v1/find?skill=NAME` or `?tag=TAG` | agents serving it, with verified cards |
+//! | `POST /v1/call` | `{"skill", "args", "peer"?, "timeout_ms"?}`: call it (any provider if no peer) |
+//! | `POST /v1/events?topic=T` | publish the JSON body on topic T |
+//! | `GET /v1/events?topic=T` | the topic's events as Server-Sent Events |
+//! | `GET /v1/calls?limit=N` | the call log, newest first |
+//! | `GET /metrics` | Prometheus metrics |
+//!
+//! Errors are `{"error": {"kind", "code"?, "message"}}` with a matching HTTP status.
+
+use std::collections::HashMap;
+use std::convert::Infallible;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::extract::{Path as UrlPath, Query as UrlQuery, Request, State};
+use axum::http::{StatusCode, header};
+use axum::middleware::Next;
+use axum::response::sse::{Event as SseEvent, KeepAlive, Sse};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{delete, get, post};
+use axum::{Json, Router};
+use libp2p::PeerId;
+use libp2p::futures::{Stream, StreamExt};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use tokio::net::TcpListener;
+
+use crate::backing::SkillDecl;
+use crate::discovery::Found;
+use crate::error::Error;
+use crate::node::{CallOptions, Node};
+
+/// File in the data dir holding the API's address while a node runs.
+pub const API_ADDR_FILE: &str = "api.addr";
+/// File in the data dir holding the API token (mode 0600).
+pub const API_TOKEN_FILE: &str = "api.token";
+/// Largest request body accepted.
+const MAX_BODY: usize = 2 * 1024 * 1024;
+
+/// An API error: HTTP status, a kind, the callee's code for refused calls, and a message.
+#[derive(Debug)]
+pub struct ApiError {
+    status: StatusCode,
+    kind: &'static str,
+    code: Option<String>,
+    message: String,
+}
+
+impl ApiError {
+    fn new(status: StatusCode, kind: &'static str, message: impl Into<String>) -> Self {
+        ApiError {
+            status,
+            kind,
+            code: None,
+            message: message.into(),
+        }
+    }
+}
+
+impl From<Error> for ApiError {
+    fn from(e: Error) -> Self {
+        let message = e.to_string();
+        match e {
+            Error::Remote(err) => ApiError {
+                status: StatusCode::UNPROCESSABLE_ENTITY,
+                kind: "remote",
+                code: Some(err.code.name().to_owned()),
+                message: err.message,
+            },
+            Error::NotFound(_) => ApiError::new(StatusCode::NOT_FOUND, "not_found", message),
+            Error::Unreachable { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "unreachable", message)
+            }
+            Error::Timeout(_) => ApiError::new(StatusCode::GATEWAY_TIMEOUT, "timeout", message),
+            Error::Invalid(_) => ApiError::new(StatusCode::BAD_REQUEST, "invalid", message),
+            Error::Publish(_) => ApiError::new(StatusCode::CONFLICT, "not_published", message),
+            Error::Overloaded(_) | Error::ShutDown => {
+                ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            Error::BadResponse { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "bad_response", message)
+            }
+            _ => ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "internal", message),
+        }
+    }
+}
+
+impl IntoResponse for ApiError {
+    fn into_response(self) -> Response {
+        let body =
+            json!({"error": {"kind": self.kind, "code": self.code, "message": self.message}});
+        (self.status, Json(body)).into_response()
+    }
+}
+
+#[derive(Clone)]
+struct AppState {
+    node: Node,
+    token: Arc<String>,
+    declared: Arc<Mutex<HashMap<String, SkillDecl>>>,
+}
+
+/// A running control API. Its files are removed from the data dir when it stops.
+pub struct ControlApi {
+    addr: SocketAddr,
+    files: Vec<PathBuf>,
+    task: tokio::task::JoinHandle<()>,
+    stop: tokio::sync::watch::Sender<bool>,
+}
+
+impl ControlApi {
+    /// Serves the API for `node` on `listen` (loopback), writing the token and then the
+    /// address to `data_dir`. `declared` are the skills already served from the config.
+    pub async fn start(
+        node: Node,
+        listen: SocketAddr,
+        data_dir: &Path,
+        declared: Vec<SkillDecl>,
+    ) -> Result<Self, Error> {
+        if !listen.ip().is_loopback() {
+            return Err(Error::Transport(format!(
+                "the control API listens on loopback only, not {listen}"
+            )));
+        }
+        let listener = TcpListener::bind(listen).await.map_err(|e| {
+            Error::Transport(format!(
+                "cannot listen for the control API on {listen}: {e}"
+            ))
+        })?;
+        let addr = listener
+            .local_addr()
+            .map_err(|e| Error::Transport(e.to_string()))?;
+        let token = hex::encode(rand::random::<[u8; 32]>());
+        let token_file = data_dir.join(API_TOKEN_FILE);
+        let addr_file = data_dir.join(API_ADDR_FILE);
+        write_private(&token_file, token.as_bytes())
+            .map_err(|e| Error::Transport(format!("cannot write {}: {e}", token_file.display())))?;
+        write_private(&addr_file, addr.to_string().as_bytes())
+            .map_err(|e| Error::Transport(format!("cannot write {}: {e}", addr_file.display())))?;
+
+        let state = AppState {
+            node,
+            token: Arc::new(token),
+            declared: Arc::new(Mutex::new(
+                declared.into_iter().map(|d| (d.name.clone(), d)).collect(),
+            )),
+        };
+        let app = Router::new()
+            .route("/v1/status", get(status))
+            .route("/v1/peers", get(peers))
+            .route("/v1/skills", get(list_skills).post(add_skill))
+            .route("/v1/skills/{name}", delete(remove_skill))
+            .route("/v1/find", get(find))
+            .route("/v1/call", post(call))
+            .route("/v1/events", post(publish).get(subscribe))
+            .route("/v1/calls", get(calls))
+            .route("/metrics", get(metrics))
+            .layer(axum::middleware::from_fn_with_state(
+                state.clone(),
+                authorize,
+            ))
+            .layer(axum::extract::DefaultBodyLimit::max(MAX_BODY))
+            .with_state(state);
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let task = tokio::spawn(async move {
+            let shutdown = async move {
+                let _ = stopped.wait_for(|s| *s).await;
+            };
+            if let Err(e) = axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown)
+                .await
+            {
+                tracing::error!("control API stopped: {e}");
+            }
+        });
+        Ok(ControlApi {
+            addr,
+            files: vec![addr_file, token_file],
+            task,
+            stop,
+        })
+    }
+
+    /// The address it listens on.
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Stops serving (open event streams are closed) and removes the files.
+    pub async fn stop(self) {
+        let _ = self.stop.send(true);
+        let _ = tokio::time::timeout(Duration::from_secs(2), self.task).await;
+        for f in &self.files {
+            let _ = std::fs::remove_file(f);
+        }
+    }
+}
+
+fn write_private(path: &Path, data: &[u8]) -> std::io::Result<()> {
+    use std::io::Write;
+    let tmp = path.with_extension("tmp");
+    let _ = std::fs::remove_file(&tmp);
+    let mut opts = std::fs::OpenOptions::new();
+    opts.write(true).create_new(true);
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::OpenOptionsExt;
+        opts.mode(0o600);
+    }
+    let mut f = opts.open(&tmp)?;
+    f.write_all(data)?;
+    f.sync_all()?;
+    std::fs::rename(&tmp, path)
+}
+
+async fn authorize(State(state): State<AppState>, req: Request, next: Next) -> Response {
+    let given = req
+        .headers()
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .unwrap_or("");
+    // Compare in constant time: the token is the only thing between local users and the node.
+    let expected = state.token.as_bytes();
+    let ok = given.len() == expected.len()
+        && given
+            .bytes()
+            .zip(expected)
+            .fold(0u8, |acc, (a, b)| acc | (a ^ b))
+            == 0;
+    if !ok {
+        return ApiError::new(
+            StatusCode::UNAUTHORIZED,
+            "unauthorized",
+            "missing or wrong API token",
+        )
+        .into_response();
+    }
+    next.run(req).await
+}
+
+async fn status(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let addrs = s.node.listen_addrs().await?;
+    let peers = s.node.peers().await?;
+    Ok(Json(json!({
+        "peer_id": s.node.peer_id().to_string(),
+        "name": s.node.config().node.name,
+        "version": env!("CARGO_PKG_VERSION"),
+        "mesh": s.node.config().mesh.name,
+        "listen_addrs": addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "connected_peers": peers.iter().filter(|p| p.connected).count(),
+        "known_peers": peers.len(),
+        "skills": s.node.skills(),
+        "call_log_dropped": s.node.call_log_dropped(),
+    })))
+}
+
+async fn peers(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
+    let peers = s.node.peers().await?;
+    Ok(Json(Value::Array(
+        peers
+            .into_iter()
+            .map(|p| {
+                json!({
+                    "peer_id": p.peer.to_string(),
+                    "name": p.name,
+                    "connected": p.connected,
+                    "skills": p.skills.iter().map(|s| s.name.to_string()).collect::<Vec<_>>(),
+                })
+            })
+            .collect(),
+    )))
+}
+
+async fn list_skills(State(s): State<AppState>) -> Json<Value> {
+    let declared = s.declared.lock().unwrap_or_else(|e| e.into_inner()).clone();
+    Json(Value::Array(
+        s.node
+            .skills()
+            .into_iter()
+            .map(|spec| {
+                let backing = declared
+                    .get(spec.name.as_str())
+                    .map(|d| json!({"command": d.command, "http": d.http}));
+                json!({"spec": spec, "backing": backing})
+            })
+            .collect(),
+    ))
+}
+
+async fn add_skill(
+    State(s): State<AppState>,
+    Json(decl): Json<SkillDecl>,
+) -> Result<Json<Value>, ApiError> {
+    let (spec, backing) = decl
+        .resolve()
+        .map_err(|e| ApiError::from(Error::Invalid(e)))?;
+    let report = s.node.register_shared(spec, backing.handler()).await?;
+    s.declared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .insert(decl.name.clone(), decl);
+    Ok(Json(json!({
+        "registered": true,
+        "keys": report.keys,
+        "keys_replicated": report.keys_replicated,
+        "card_replicated": report.card_replicated,
+    })))
+}
+
+async fn remove_skill(
+    State(s): State<AppState>,
+    UrlPath(name): UrlPath<String>,
+) -> Result<Json<Value>, ApiError> {
+    if !s.node.unregister_skill(&name).await? {
+        return Err(ApiError::new(
+            StatusCode::NOT_FOUND,
+            "not_found",
+            format!("no skill {name} is served here"),
+        ));
+    }
+    s.declared
+        .lock()
+        .unwrap_or_else(|e| e.into_inner())
+        .remove(&name);
+    Ok(Json(json!({"removed": name})))
+}
+
+#[derive(Deserialize)]
+struct FindQuery {
+    skill: Option<String>,
+    tag: Option<String>,
+}
+
+fn found_json(f: &Found) -> Value {
+    json!({
+        "peer_id": f.peer.to_string(),
+        "name": f.card.name,
+        "addrs": f.card.addrs.iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "skills": f.skills,
+    })
+}
+
+async fn find(
+    State(s): State<AppState>,
+    UrlQuery(q): UrlQuery<FindQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let found = match (q.skill, q.tag) {
+        (Some(name), None) => s.node.find_skill(&name).await?,
+        (None, Some(tag)) => s.node.find_tag(&tag).await?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "give exactly one of ?skill= or ?tag=",
+            ));
+        }
+    };
+    Ok(Json(Value::Array(found.iter().map(found_json).collect())))
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct CallRequest {
+    skill: String,
+    #[serde(default)]
+    args: Value,
+    peer: Option<String>,
+    timeout_ms: Option<u64>,
+    version: Option<String>,
+}
+
+async fn call(
+    State(s): State<AppState>,
+    Json(req): Json<CallRequest>,
+) -> Result<Json<Value>, ApiError> {
+    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
+    let options = CallOptions {
+        version_req: match &req.version {
+            Some(v) => v.parse().map_err(|e| bad(format!("version {v:?}: {e}")))?,
+            None => semver::VersionReq::STAR,
+        },
+        timeout: req.timeout_ms.map(Duration::from_millis),
+        grant: None,
+    };
+    let peers: Vec<PeerId> = match &req.peer {
+        Some(p) => vec![p.parse().map_err(|e| bad(format!("peer {p:?}: {e}")))?],
+        None => s
+            .node
+            .find_skill(&req.skill)
+            .await?
+            .into_iter()
+            .map(|f| f.peer)
+            .collect(),
+    };
+    // Without a peer, try providers in turn; a refusal by the callee is final, an unreachable
+    // provider is not.
+    let mut last = None;
+    for peer in peers {
+        match s
+            .node
+            .call_with(peer, &req.skill, req.args.clone(), options.clone())
+            .await
+        {
+            Ok(output) => return Ok(Json(json!({"peer_id": peer.to_string(), "output": output}))),
+            Err(e @ (Error::Unreachable { .. } | Error::Timeout(_))) if req.peer.is_none() => {
+                last = Some(e)
+            }
+            Err(e) => return Err(e.into()),
+        }
+    }
+    Err(last
+        .unwrap_or_else(|| Error::NotFound(format!("skill {}", req.skill)))
+        .into())
+}
+
+#[derive(Deserialize)]
+struct TopicQuery {
+    topic: String,
+}
+
+async fn publish(
+    State(s): State<AppState>,
+    UrlQuery(q): UrlQuery<TopicQuery>,
+    Json(body): Json<Value>,
+) -> Result<Json<Value>, ApiError> {
+    s.node.publish_json(&q.topic, &body).await?;
+    Ok(Json(json!({"published": true})))
+}
+
+#[derive(Serialize)]
+struct EventOut {
+    topic: String,
+    publisher: String,
+    seq: u64,
+    issued_at: u64,
+    data: Value,
+}
+
+async fn subscribe(
+    State(s): State<AppState>,
+    UrlQuery(q): UrlQuery<TopicQuery>,
+) -> Result<Sse<impl Stream<Item = Result<SseEvent, Infallible>>>, ApiError> {
+    let sub = s.node.subscribe(&q.topic).await?;
+    let stream = sub.map(|d| {
+        let data = d
+            .json()
+            .unwrap_or_else(|| json!({"bytes_hex": hex::encode(&d.data)}));
+        let out = EventOut {
+            topic: d.topic,
+            publisher: d.publisher.to_string(),
+            seq: d.seq,
+            issued_at: d.issued_at.as_millis(),
+            data,
+        };
+        Ok(SseEvent::default().json_data(out).unwrap_or_default())
+    });
+    Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
+}
+
+#[derive(Deserialize)]
+struct LimitQuery {
+    limit: Option<usize>,
+}
+
+async fn calls(
+    State(s): State<AppState>,
+    UrlQuery(q): UrlQuery<LimitQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let entries = s.node.recent_calls(q.limit.unwrap_or(50).min(1000)).await?;
+    Ok(Json(
+        serde_json::to_value(
+            entries
+                .iter()
+                .map(|e| {
+                    json!({
+                        "call_id": e.call_id.to_string(),
+                        "direction": e.direction,
+                        "peer_id": e.peer.to_string(),
+                        "skill": e.skill,
+                        "state": e.state,
+                        "error": e.error.map(|c| c.name()),
+                        "started_at": e.started_at.as_millis(),
+                    })
+                })
+                .collect::<Vec<_>>(),
+        )
+        .unwrap_or_default(),
+    ))
+}
+
+async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
+    (
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
+        s.node.metrics_text(),
+    )
+}

@@ -1,0 +1,270 @@
+//! Two real `skillmesh run` daemons on loopback, driven through the CLI as a user would.
+
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_skillmesh");
+
+/// Exit codes documented in the README.
+const EXIT_USAGE: i32 = 2;
+const EXIT_NO_DAEMON: i32 = 3;
+const EXIT_NOT_FOUND: i32 = 4;
+const EXIT_FAILED_CALL: i32 = 5;
+
+struct Daemon {
+    child: Child,
+    info: Value,
+    dir: tempfile::TempDir,
+}
+
+impl Daemon {
+    fn start(config: &str, extra: &[&str]) -> Daemon {
+        let dir = tempfile::tempdir().expect("tempdir");
+        std::fs::write(dir.path().join("config.toml"), config).expect("config");
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(dir.path())
+            .args(["--json", "-q", "run"])
+            .args(extra)
+            .env_remove("RUST_LOG")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn daemon");
+        // `run --json` prints one JSON document once the node listens and the API is up.
+        let mut text = String::new();
+        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
+        loop {
+            let mut line = String::new();
+            if out.read_line(&mut line).expect("read") == 0 {
+                panic!("daemon exited before it was ready: {text}");
+            }
+            text.push_str(&line);
+            if line.trim_end() == "}" {
+                break;
+            }
+        }
+        let info: Value = serde_json::from_str(&text).expect("json");
+        Daemon { child, info, dir }
+    }
+
+    fn addr(&self) -> String {
+        self.info["listen_addrs"][0]
+            .as_str()
+            .expect("addr")
+            .to_owned()
+    }
+
+    fn cli(&self, args: &[&str]) -> Output {
+        cli(self.dir.path(), args)
+    }
+
+    /// SIGTERM, then wait: a clean exit removes the API files.
+    fn stop(mut self) {
+        let pid = self.child.id().to_string();
+        Command::new("kill")
+            .args(["-TERM", &pid])
+            .status()
+            .expect("kill");
+        let status = self.child.wait().expect("wait");
+        assert!(status.success(), "daemon exit: {status}");
+        assert!(
+            !self.dir.path().join("api.addr").exists(),
+            "api.addr left behind"
+        );
+    }
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn cli(data_dir: &Path, args: &[&str]) -> Output {
+    Command::new(BIN)
+        .arg("--data-dir")
+        .arg(data_dir)
+        .args(args)
+        .env_remove("RUST_LOG")
+        .stdin(Stdio::null())
+        .output()
+        .expect("run cli")
+}
+
+fn json_out(o: &Output) -> Value {
+    assert!(
+        o.status.success(),
+        "exit {:?}: {}",
+        o.status.code(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    serde_json::from_slice(&o.stdout).expect("json output")
+}
+
+/// Exactly one line on stderr, no panic or backtrace.
+fn one_line(o: &Output) -> String {
+    let err = String::from_utf8_lossy(&o.stderr).into_owned();
+    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
+    assert!(
+        !err.contains("panicked") && !err.contains("backtrace"),
+        "{err}"
+    );
+    err
+}
+
+const BASE: &str =
+    "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n[dht]\nmode = \"server\"\n";
+
+fn serving_config() -> String {
+    format!(
+        "{BASE}[node]\nname = \"alice\"\n\n[[skills]]\nname = \"upper\"\nversion = \"1.0.0\"\ntags = [\"text\"]\n\
+         command = [\"sh\", \"-c\", \"tr a-z A-Z\"]\ninput_schema = {{ type = \"object\", required = [\"text\"] }}\n\n\
+         [[skills]]\nname = \"fail\"\nversion = \"1.0.0\"\ncommand = [\"sh\", \"-c\", \"echo broken >&2; exit 1\"]\n"
+    )
+}
+
+fn retry(mut f: impl FnMut() -> Output) -> Output {
+    let start = Instant::now();
+    loop {
+        let o = f();
+        if o.status.success() || start.elapsed() > Duration::from_secs(10) {
+            return o;
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+#[test]
+fn two_daemons_find_and_call_through_the_cli() {
+    let a = Daemon::start(&serving_config(), &[]);
+    let b = Daemon::start(BASE, &["--bootstrap", &a.addr()]);
+    let a_id = a.info["peer_id"].as_str().expect("id").to_owned();
+
+    let found = json_out(&retry(|| b.cli(&["--json", "find", "upper"])));
+    assert_eq!(found[0]["peer_id"], a_id.as_str());
+    assert_eq!(found[0]["name"], "alice");
+    let by_tag = json_out(&retry(|| b.cli(&["--json", "find", "--tag", "text"])));
+    assert_eq!(by_tag[0]["skills"][0]["name"], "upper");
+
+    // `tr` upper-cases the JSON text it is given.
+    let out = json_out(&b.cli(&["--json", "call", "upper", "--args", r#"{"text":"hello"}"#]));
+    assert_eq!(out["output"], serde_json::json!({"TEXT": "HELLO"}));
+    assert_eq!(out["peer_id"], a_id.as_str());
+    let args_file = b.dir.path().join("args.json");
+    std::fs::write(&args_file, r#"{"text":"from a file"}"#).expect("write");
+    let out = json_out(&b.cli(&[
+        "--json",
+        "call",
+        "upper",
+        "--peer",
+        &a_id,
+        "--args",
+        &format!("@{}", args_file.display()),
+    ]));
+    assert_eq!(out["output"]["TEXT"], "FROM A FILE");
+
+    // Refused by the callee: arguments fail its schema; a failing command.
+    let o = b.cli(&["call", "upper", "--peer", &a_id, "--args", r#"{"nope":1}"#]);
+    assert_eq!(o.status.code(), Some(EXIT_FAILED_CALL));
+    assert!(one_line(&o).contains("invalid_args"));
+    let o = b.cli(&["call", "fail", "--peer", &a_id]);
+    assert_eq!(o.status.code(), Some(EXIT_FAILED_CALL));
+    assert!(one_line(&o).contains("broken"));
+    // Nobody serves it.
+    let o = b.cli(&["call", "no-such-skill"]);
+    assert_eq!(o.status.code(), Some(EXIT_NOT_FOUND));
+    one_line(&o);
+    // Bad --args JSON never reaches the network.
+    let o = b.cli(&["call", "upper", "--args", "{not json"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE));
+    assert!(one_line(&o).contains("not valid JSON"));
+
+    // Skills added at run time are served and found.
+    let o = b.cli(&["skills", "add", "echo", "--tag", "misc", "--", "cat"]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = json_out(&retry(|| {
+        a.cli(&["--json", "call", "echo", "--args", r#"{"x":[1,2]}"#])
+    }));
+    assert_eq!(out["output"], serde_json::json!({"x": [1, 2]}));
+    let o = b.cli(&["skills", "remove", "echo"]);
+    assert!(o.status.success());
+
+    // Status and peers.
+    let s = json_out(&a.cli(&["--json", "status"]));
+    assert_eq!(s["peer_id"], a_id.as_str());
+    assert_eq!(s["skills"].as_array().map(Vec::len), Some(2));
+    let peers = json_out(&retry(|| b.cli(&["--json", "peers"])));
+    assert!(
+        peers
+            .as_array()
+            .expect("list")
+            .iter()
+            .any(|p| p["peer_id"] == a_id.as_str())
+    );
+
+    b.stop();
+    a.stop();
+}
+
+#[test]
+fn events_flow_between_daemons() {
+    let a = Daemon::start(BASE, &[]);
+    let b = Daemon::start(BASE, &["--bootstrap", &a.addr()]);
+    let sub = Command::new(BIN)
+        .arg("--data-dir")
+        .arg(a.dir.path())
+        .args(["--json", "events", "sub", "news", "--count", "1"])
+        .stdout(Stdio::piped())
+        .spawn()
+        .expect("sub");
+    std::thread::sleep(Duration::from_millis(500));
+    let o = retry(|| b.cli(&["events", "pub", "news", r#"{"headline":"p2p"}"#]));
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = sub.wait_with_output().expect("sub output");
+    let line: Value = serde_json::from_slice(&out.stdout).expect("one event as JSON");
+    assert_eq!(line["data"]["headline"], "p2p");
+    assert_eq!(line["publisher"], b.info["peer_id"]);
+}
+
+#[test]
+fn user_errors_are_one_clear_line() {
+    // No daemon running for this data dir.
+    let dir = tempfile::tempdir().expect("tempdir");
+    let o = cli(dir.path(), &["status"]);
+    assert_eq!(o.status.code(), Some(EXIT_NO_DAEMON));
+    assert!(one_line(&o).contains("skillmesh run"));
+    let o = cli(dir.path(), &["call", "upper", "--args", "{}"]);
+    assert_eq!(o.status.code(), Some(EXIT_NO_DAEMON));
+
+    // A corrupt config file.
+    std::fs::write(dir.path().join("config.toml"), "[network\nlisten = 3").expect("write");
+    let o = cli(dir.path(), &["run"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE));
+    assert!(one_line(&o).contains("config.toml"));
+    // A skill declared without a backing names its key.
+    std::fs::write(
+        dir.path().join("config.toml"),
+        format!("{BASE}[[skills]]\nname = \"x\"\nversion = \"1.0.0\"\n"),
+    )
+    .expect("write");
+    let o = cli(dir.path(), &["run"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE));
+    assert!(one_line(&o).contains("skills[0].command"));
+
+    // A port already in use.
+    let a = Daemon::start(BASE, &[]);
+    let port_addr = a.addr().split("/p2p/").next().expect("addr").to_owned();
+    std::fs::write(dir.path().join("config.toml"), BASE).expect("write");
+    let o = cli(dir.path(), &["-q", "run", "--listen", &port_addr]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line(&o).contains("in use"));
+    // Usage errors are clap's, exit 2.
+    let o = cli(dir.path(), &["call"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE));
+}
