@@ -121,3 +121,17 @@ fn bad_input_gives_one_clear_line_and_distinct_exit_codes() {
     );
     assert_eq!(std::fs::read(&key).expect("read"), b"garbage");
 }
+
+#[test]
+fn skills_appended_to_the_generated_config_are_accepted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    assert!(skillmesh(dir.path(), &["init"]).status.success());
+    let path = dir.path().join("config.toml");
+    let mut text = std::fs::read_to_string(&path).expect("read");
+    text.push_str("\n[[skills]]\nname = \"upper\"\nversion = \"1.0.0\"\ncommand = [\"cat\"]\n");
+    std::fs::write(&path, text).expect("write");
+    let o = skillmesh(dir.path(), &["--json", "config", "show"]);
+    assert!(o.status.success(), "{}", stderr(&o));
+    let v: serde_json::Value = serde_json::from_slice(&o.stdout).expect("json");
+    assert_eq!(v["skills"][0]["name"], "upper");
+}

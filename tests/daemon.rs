@@ -268,3 +268,48 @@ fn user_errors_are_one_clear_line() {
     let o = cli(dir.path(), &["call"]);
     assert_eq!(o.status.code(), Some(EXIT_USAGE));
 }
+
+#[test]
+fn a_skill_backed_by_a_local_http_endpoint_is_served() {
+    // A tiny agent written "in another language": an HTTP endpoint on loopback.
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let url = rt.block_on(async {
+        use axum::{Json, Router, routing::post};
+        let app = Router::new()
+            .route(
+                "/reverse",
+                post(|Json(v): Json<Value>| async move {
+                    let s: String = v["text"].as_str().unwrap_or("").chars().rev().collect();
+                    Json(serde_json::json!({ "text": s }))
+                }),
+            )
+            .route(
+                "/broken",
+                post(|| async { (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "db down") }),
+            );
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let addr = listener.local_addr().expect("addr");
+        tokio::spawn(async move { axum::serve(listener, app).await });
+        format!("http://{addr}")
+    });
+    let a = Daemon::start(BASE, &[]);
+    let b = Daemon::start(BASE, &["--bootstrap", &a.addr()]);
+    let reverse = format!("{url}/reverse");
+    let o = a.cli(&["skills", "add", "reverse", "--http", &reverse]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let out = json_out(&retry(|| {
+        b.cli(&["--json", "call", "reverse", "--args", r#"{"text":"abc"}"#])
+    }));
+    assert_eq!(out["output"]["text"], "cba");
+
+    let broken = format!("{url}/broken");
+    let o = a.cli(&["skills", "add", "broken", "--http", &broken]);
+    assert!(o.status.success());
+    let a_id = a.info["peer_id"].as_str().expect("id");
+    let o = b.cli(&["call", "broken", "--peer", a_id]);
+    assert_eq!(o.status.code(), Some(EXIT_FAILED_CALL));
+    assert!(one_line(&o).contains("db down"));
+    drop(rt);
+}

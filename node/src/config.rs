@@ -118,6 +118,7 @@ pub struct Config {
     /// The local control API.
     pub api: ApiConfig,
     /// Skills the daemon serves, backed by a command or a local HTTP endpoint.
+    #[serde(skip_serializing_if = "Vec::is_empty")]
     pub skills: Vec<SkillDecl>,
 }
 
@@ -626,7 +627,14 @@ impl Config {
         format!(
             "# skillmesh node configuration. Every key can also be set with an environment\n\
              # variable SKILLMESH_<SECTION>_<KEY> (e.g. SKILLMESH_NETWORK_MAX_CONNECTIONS=128)\n\
-             # or on the command line (--set network.max_connections=128).\n\n{body}"
+             # or on the command line (--set network.max_connections=128).\n\n{body}\n\
+             # Skills this node serves, each backed by a command or a local HTTP endpoint:\n\
+             #\n\
+             # [[skills]]\n\
+             # name = \"upper\"\n\
+             # version = \"1.0.0\"\n\
+             # tags = [\"text\"]\n\
+             # command = [\"sh\", \"-c\", \"tr a-z A-Z\"]   # or: http = \"http://127.0.0.1:8080/upper\"\n"
         )
     }
 }
