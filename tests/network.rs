@@ -44,6 +44,16 @@ async fn good_call(caller: &Node, callee: libp2p::PeerId) {
     assert_eq!(out, json!({"text": "bonjour world"}));
 }
 
+/// `callee` serves `translate`; `caller` has found it there and made a good call.
+async fn serving(caller: &Node, callee: &Node) {
+    callee
+        .register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    caller.find_served_by("translate", callee.peer_id()).await;
+    good_call(caller, callee.peer_id()).await;
+}
+
 fn remote_code(r: Result<Value, Error>) -> ErrorCode {
     match r {
         Err(Error::Remote(e)) => e.code,
@@ -165,11 +175,7 @@ async fn every_refusal_has_its_code_and_the_node_keeps_serving() {
     })
     .await;
     let (b, c) = (&nodes[1], &nodes[2]);
-    c.register_skill(translate_spec(), translate)
-        .await
-        .expect("register");
-    b.find_served_by("translate", c.peer_id()).await;
-    good_call(b, c.peer_id()).await;
+    serving(b, c).await;
     let now = Timestamp::now;
     let minute = Duration::from_secs(60);
 
@@ -386,11 +392,7 @@ async fn discovery_and_calls_work_over_quic() {
     let boot = nodes[0].listen_addrs().await.expect("addrs");
     assert!(boot.iter().all(|a| a.to_string().contains("quic-v1")));
     let (b, c) = (&nodes[1], &nodes[2]);
-    c.register_skill(translate_spec(), translate)
-        .await
-        .expect("register");
-    b.find_served_by("translate", c.peer_id()).await;
-    good_call(b, c.peer_id()).await;
+    serving(b, c).await;
 }
 
 #[tokio::test]
@@ -447,11 +449,7 @@ async fn a_private_mesh_admits_only_nodes_with_its_key() {
     let key_a = "11".repeat(32);
     let nodes = mesh(1, |c| c.mesh.psk = key_a.clone()).await;
     let (a, b) = (&nodes[0], &nodes[1]);
-    a.register_skill(translate_spec(), translate)
-        .await
-        .expect("register");
-    b.find_served_by("translate", a.peer_id()).await;
-    good_call(b, a.peer_id()).await;
+    serving(b, a).await;
 
     // Another mesh's node cannot even connect to a member.
     let boot = a.listen_addrs().await.expect("addrs");

@@ -1,0 +1,528 @@
+//! Benchmarks against plain libp2p, printed as one table (DESIGN §12, issue "Benchmarks").
+//!
+//! ```sh
+//! cargo bench --bench calls            # full run
+//! cargo bench --bench calls -- --quick # fewer samples
+//! ```
+//!
+//! Both sides of each comparison run in this process, over the same transport, with the same
+//! 256-byte payload: skillmesh's signed, checked, logged sync calls against a bare libp2p
+//! request-response exchange (no signatures, no checks).
+
+use std::time::{Duration, Instant};
+
+use libp2p::futures::StreamExt;
+use libp2p::request_response::{self, ProtocolSupport};
+use libp2p::swarm::SwarmEvent;
+use libp2p::{Multiaddr, PeerId, StreamProtocol, Swarm, SwarmBuilder, noise, tcp, yamux};
+use serde_bytes::ByteBuf;
+use serde_json::{Value, json};
+use skillmesh::config::Config;
+use skillmesh::protocol::{ShareMode, SkillSpec};
+use skillmesh::{CallContext, HandlerError, Node};
+use tokio::sync::{mpsc, oneshot};
+
+#[derive(Clone, Copy, PartialEq)]
+enum Net {
+    Tcp,
+    Quic,
+}
+
+impl Net {
+    fn listen(self) -> Multiaddr {
+        match self {
+            Net::Tcp => "/ip4/127.0.0.1/tcp/0",
+            Net::Quic => "/ip4/127.0.0.1/udp/0/quic-v1",
+        }
+        .parse()
+        .expect("addr")
+    }
+    fn name(self) -> &'static str {
+        match self {
+            Net::Tcp => "tcp",
+            Net::Quic => "quic",
+        }
+    }
+}
+
+fn percentile(sorted: &[Duration], p: f64) -> Duration {
+    if sorted.is_empty() {
+        return Duration::ZERO;
+    }
+    let i = ((sorted.len() as f64 - 1.0) * p).round() as usize;
+    sorted[i.min(sorted.len() - 1)]
+}
+
+fn ms(d: Duration) -> String {
+    format!("{:.3} ms", d.as_secs_f64() * 1e3)
+}
+
+// ---- skillmesh --------------------------------------------------------------------------------
+
+fn config(net: Net, bootstrap: Vec<Multiaddr>) -> Config {
+    let mut c = Config::default();
+    c.network.listen = vec![net.listen()];
+    c.network.bootstrap = bootstrap;
+    c.network.mdns = false;
+    c.dht.mode = skillmesh::config::KadMode::Server;
+    // The benchmark measures call overhead, not the admission limits.
+    c.calls.rate_per_peer = 10_000_000;
+    c.calls.burst_per_peer = 10_000_000;
+    c.calls.max_inbound = 4096;
+    c.calls.max_inbound_per_peer = 4096;
+    c
+}
+
+async fn echo(_ctx: CallContext, args: Value) -> Result<Value, HandlerError> {
+    Ok(args)
+}
+
+struct SmPair {
+    caller: Node,
+    callee: Node,
+    _dirs: (tempfile::TempDir, tempfile::TempDir),
+}
+
+async fn skillmesh_pair(net: Net) -> SmPair {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let callee = Node::builder(config(net, vec![]))
+        .data_dir(d1.path())
+        .build()
+        .await
+        .expect("callee");
+    let spec = SkillSpec::builder("echo", "1.0.0")
+        .share(ShareMode::Public)
+        .max_concurrency(1024)
+        .max_arg_bytes(4096)
+        .build()
+        .expect("spec");
+    callee.register_skill(spec, echo).await.expect("register");
+    let boot = callee.listen_addrs().await.expect("addrs");
+    let caller = Node::builder(config(net, boot))
+        .data_dir(d2.path())
+        .build()
+        .await
+        .expect("caller");
+    SmPair {
+        caller,
+        callee,
+        _dirs: (d1, d2),
+    }
+}
+
+fn args_256() -> Value {
+    // {"data": "xxx..."} is 256 bytes of CBOR.
+    json!({ "data": "x".repeat(248) })
+}
+
+// ---- plain libp2p request-response --------------------------------------------------------------
+
+type Rr = request_response::cbor::Behaviour<ByteBuf, ByteBuf>;
+
+fn plain_swarm(net: Net) -> Swarm<Rr> {
+    let behaviour = |_: &libp2p::identity::Keypair| {
+        request_response::cbor::Behaviour::<ByteBuf, ByteBuf>::new(
+            [(StreamProtocol::new("/bench/echo/1"), ProtocolSupport::Full)],
+            request_response::Config::default().with_max_concurrent_streams(4096),
+        )
+    };
+    let idle = |c: libp2p::swarm::Config| c.with_idle_connection_timeout(Duration::from_secs(60));
+    match net {
+        Net::Tcp => SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default().nodelay(true),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(behaviour)
+            .expect("behaviour")
+            .with_swarm_config(idle)
+            .build(),
+        Net::Quic => SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_quic()
+            .with_behaviour(behaviour)
+            .expect("behaviour")
+            .with_swarm_config(idle)
+            .build(),
+    }
+}
+
+/// A running plain echo server; returns its peer id and address.
+async fn plain_server(net: Net) -> (PeerId, Multiaddr) {
+    let mut swarm = plain_swarm(net);
+    swarm.listen_on(net.listen()).expect("listen");
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = swarm.select_next_some().await {
+            break address;
+        }
+    };
+    let peer = *swarm.local_peer_id();
+    tokio::spawn(async move {
+        loop {
+            if let SwarmEvent::Behaviour(request_response::Event::Message {
+                message:
+                    request_response::Message::Request {
+                        request, channel, ..
+                    },
+                ..
+            }) = swarm.select_next_some().await
+            {
+                let _ = swarm.behaviour_mut().send_response(channel, request);
+            }
+        }
+    });
+    (peer, addr)
+}
+
+/// A client swarm in its own task, driven by a channel of requests.
+#[derive(Clone)]
+struct PlainClient {
+    tx: mpsc::Sender<(ByteBuf, oneshot::Sender<Result<ByteBuf, String>>)>,
+}
+
+fn plain_client(net: Net, server: PeerId, addr: Multiaddr) -> PlainClient {
+    let mut swarm = plain_swarm(net);
+    swarm.add_peer_address(server, addr);
+    let (tx, mut rx) = mpsc::channel::<(ByteBuf, oneshot::Sender<Result<ByteBuf, String>>)>(1024);
+    tokio::spawn(async move {
+        let mut pending = std::collections::HashMap::new();
+        loop {
+            tokio::select! {
+                Some((req, reply)) = rx.recv() => {
+                    let id = swarm.behaviour_mut().send_request(&server, req);
+                    pending.insert(id, reply);
+                }
+                ev = swarm.select_next_some() => match ev {
+                    SwarmEvent::Behaviour(request_response::Event::Message {
+                        message: request_response::Message::Response { request_id, response }, ..
+                    }) => {
+                        if let Some(r) = pending.remove(&request_id) { let _ = r.send(Ok(response)); }
+                    }
+                    SwarmEvent::Behaviour(request_response::Event::OutboundFailure { request_id, error, .. }) => {
+                        if let Some(r) = pending.remove(&request_id) { let _ = r.send(Err(error.to_string())); }
+                    }
+                    _ => {}
+                },
+                else => break,
+            }
+        }
+    });
+    PlainClient { tx }
+}
+
+impl PlainClient {
+    async fn call(&self, payload: &[u8]) -> Result<(), String> {
+        let (tx, rx) = oneshot::channel();
+        self.tx
+            .send((ByteBuf::from(payload.to_vec()), tx))
+            .await
+            .map_err(|e| e.to_string())?;
+        rx.await.map_err(|e| e.to_string())?.map(|_| ())
+    }
+}
+
+// ---- measurements -------------------------------------------------------------------------------
+
+struct Row {
+    what: String,
+    skillmesh: String,
+    plain: String,
+    ratio: String,
+    target: &'static str,
+}
+
+async fn sequential(net: Net, n: usize, rows: &mut Vec<Row>) {
+    let pair = skillmesh_pair(net).await;
+    let peer = pair.callee.peer_id();
+    let args = args_256();
+    for _ in 0..200 {
+        pair.caller
+            .call(peer, "echo", args.clone())
+            .await
+            .expect("warm-up call");
+    }
+    let mut sm = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        pair.caller
+            .call(peer, "echo", args.clone())
+            .await
+            .expect("call");
+        sm.push(t.elapsed());
+    }
+    let (server, addr) = plain_server(net).await;
+    let client = plain_client(net, server, addr);
+    let payload = vec![0x78u8; 256];
+    for _ in 0..200 {
+        client.call(&payload).await.expect("warm-up");
+    }
+    let mut pl = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        client.call(&payload).await.expect("call");
+        pl.push(t.elapsed());
+    }
+    sm.sort();
+    pl.sort();
+    for (p, name, target) in [
+        (0.5, "p50", "<= 1.5x"),
+        (0.9, "p90", ""),
+        (0.99, "p99", "<= 2x"),
+    ] {
+        let (a, b) = (percentile(&sm, p), percentile(&pl, p));
+        rows.push(Row {
+            what: format!("sequential 256 B call, {}, {name}", net.name()),
+            skillmesh: ms(a),
+            plain: ms(b),
+            ratio: format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
+            target,
+        });
+    }
+    pair.caller.shutdown().await.ok();
+    pair.callee.shutdown().await.ok();
+}
+
+async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
+    const WORKERS: usize = 64;
+    let pair = skillmesh_pair(net).await;
+    let peer = pair.callee.peer_id();
+    let args = args_256();
+    for _ in 0..200 {
+        pair.caller
+            .call(peer, "echo", args.clone())
+            .await
+            .expect("warm-up");
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (node, args) = (pair.caller.clone(), args.clone());
+            tokio::spawn(async move {
+                let mut errors = 0usize;
+                for _ in 0..total / WORKERS {
+                    if node.call(peer, "echo", args.clone()).await.is_err() {
+                        errors += 1;
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut sm_errors = 0;
+    for task in tasks {
+        sm_errors += task.await.unwrap_or(total / WORKERS);
+    }
+    let sm_rate = (total / WORKERS * WORKERS) as f64 / t.elapsed().as_secs_f64();
+
+    let (server, addr) = plain_server(net).await;
+    let client = plain_client(net, server, addr);
+    let payload = vec![0x78u8; 256];
+    for _ in 0..200 {
+        client.call(&payload).await.expect("warm-up");
+    }
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let (client, payload) = (client.clone(), payload.clone());
+            tokio::spawn(async move {
+                let mut errors = 0usize;
+                for _ in 0..total / WORKERS {
+                    if client.call(&payload).await.is_err() {
+                        errors += 1;
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut pl_errors = 0;
+    for task in tasks {
+        pl_errors += task.await.unwrap_or(total / WORKERS);
+    }
+    let pl_rate = (total / WORKERS * WORKERS) as f64 / t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: format!("64 calls in flight, {}, calls/s", net.name()),
+        skillmesh: format!("{sm_rate:.0}"),
+        plain: format!("{pl_rate:.0}"),
+        ratio: format!("{:.2}x", sm_rate / pl_rate),
+        target: ">= 0.7x",
+    });
+    rows.push(Row {
+        what: format!("64 calls in flight, {}, errors", net.name()),
+        skillmesh: sm_errors.to_string(),
+        plain: pl_errors.to_string(),
+        ratio: String::new(),
+        target: "0",
+    });
+    pair.caller.shutdown().await.ok();
+    pair.callee.shutdown().await.ok();
+}
+
+/// A new peer: dial, handshake, first call.
+async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let callee = Node::builder(config(net, vec![]))
+        .data_dir(d1.path())
+        .build()
+        .await
+        .expect("callee");
+    let spec = SkillSpec::builder("echo", "1.0.0")
+        .share(ShareMode::Public)
+        .build()
+        .expect("spec");
+    callee.register_skill(spec, echo).await.expect("register");
+    let addr = callee.listen_addrs().await.expect("addrs")[0].clone();
+    let args = args_256();
+    let mut sm = Vec::new();
+    for _ in 0..n {
+        let d = tempfile::tempdir().expect("tempdir");
+        let caller = Node::builder(config(net, vec![]))
+            .data_dir(d.path())
+            .build()
+            .await
+            .expect("caller");
+        let t = Instant::now();
+        caller.dial(addr.clone()).await.expect("dial");
+        caller
+            .call(callee.peer_id(), "echo", args.clone())
+            .await
+            .expect("cold call");
+        sm.push(t.elapsed());
+        caller.shutdown().await.ok();
+    }
+    let (server, saddr) = plain_server(net).await;
+    let payload = vec![0x78u8; 256];
+    let mut pl = Vec::new();
+    for _ in 0..n {
+        let client = plain_client(net, server, saddr.clone());
+        let t = Instant::now();
+        client.call(&payload).await.expect("cold call");
+        pl.push(t.elapsed());
+    }
+    sm.sort();
+    pl.sort();
+    let (a, b) = (percentile(&sm, 0.5), percentile(&pl, 0.5));
+    rows.push(Row {
+        what: format!("cold call (dial + handshake + call), {}, p50", net.name()),
+        skillmesh: ms(a),
+        plain: ms(b),
+        ratio: format!("{:.2}x", a.as_secs_f64() / b.as_secs_f64()),
+        target: "<= 1.5x",
+    });
+    callee.shutdown().await.ok();
+}
+
+async fn startup(n: usize, rows: &mut Vec<Row>) {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let boot_node = Node::builder(config(Net::Tcp, vec![]))
+        .data_dir(d1.path())
+        .build()
+        .await
+        .expect("boot");
+    let boot = boot_node.listen_addrs().await.expect("addrs");
+    let mut alone = Vec::new();
+    let mut joined = Vec::new();
+    for i in 0..n * 2 {
+        let d = tempfile::tempdir().expect("tempdir");
+        let bootstrap = if i % 2 == 0 { vec![] } else { boot.clone() };
+        let t = Instant::now();
+        let node = Node::builder(config(Net::Tcp, bootstrap))
+            .data_dir(d.path())
+            .build()
+            .await
+            .expect("node");
+        let took = t.elapsed();
+        if i % 2 == 0 {
+            alone.push(took)
+        } else {
+            joined.push(took)
+        }
+        node.shutdown().await.ok();
+    }
+    alone.sort();
+    joined.sort();
+    rows.push(Row {
+        what: "start to listening (new data dir), p50".into(),
+        skillmesh: ms(percentile(&alone, 0.5)),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "< 200 ms",
+    });
+    rows.push(Row {
+        what: "start to listening + bootstrapped, p50".into(),
+        skillmesh: ms(percentile(&joined, 0.5)),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "< 200 ms",
+    });
+    boot_node.shutdown().await.ok();
+}
+
+/// Resident memory of an idle `skillmesh run` daemon.
+fn idle_rss(rows: &mut Vec<Row>) {
+    let dir = tempfile::tempdir().expect("tempdir");
+    std::fs::write(
+        dir.path().join("config.toml"),
+        "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n",
+    )
+    .expect("config");
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skillmesh"))
+        .arg("--data-dir")
+        .arg(dir.path())
+        .args(["-q", "run"])
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .expect("daemon");
+    std::thread::sleep(Duration::from_secs(3));
+    let status =
+        std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
+    let rss_kb: u64 = status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(0);
+    let _ = child.kill();
+    let _ = child.wait();
+    rows.push(Row {
+        what: "idle daemon RSS (skillmesh run, 3 s after start)".into(),
+        skillmesh: format!("{:.1} MB", rss_kb as f64 / 1024.0),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "< 15 MB",
+    });
+}
+
+#[tokio::main(flavor = "multi_thread")]
+async fn main() {
+    let quick = std::env::args().any(|a| a == "--quick");
+    let (seq, total, cold_n) = if quick {
+        (500, 4_000, 5)
+    } else {
+        (3_000, 20_000, 20)
+    };
+    let mut rows = Vec::new();
+    for net in [Net::Tcp, Net::Quic] {
+        sequential(net, seq, &mut rows).await;
+        in_flight(net, total, &mut rows).await;
+        cold(net, cold_n, &mut rows).await;
+    }
+    startup(cold_n, &mut rows).await;
+    idle_rss(&mut rows);
+
+    println!();
+    println!(
+        "{:<52} {:>14} {:>14} {:>8}  target",
+        "measure", "skillmesh", "plain libp2p", "ratio"
+    );
+    for r in rows {
+        println!(
+            "{:<52} {:>14} {:>14} {:>8}  {}",
+            r.what, r.skillmesh, r.plain, r.ratio, r.target
+        );
+    }
+}
