@@ -3,6 +3,7 @@
 //! ```sh
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
+//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, startup, rss
 //! ```
 //!
 //! Both sides of each comparison run in this process, over the same transport, with the same
@@ -480,12 +481,15 @@ fn idle_rss(rows: &mut Vec<Row>) {
     std::thread::sleep(Duration::from_secs(3));
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
-    let rss_kb: u64 = status
-        .lines()
-        .find(|l| l.starts_with("VmRSS:"))
-        .and_then(|l| l.split_whitespace().nth(1))
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
+    let field = |name: &str| -> u64 {
+        status
+            .lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    let (rss_kb, anon_kb) = (field("VmRSS:"), field("RssAnon:"));
     let _ = child.kill();
     let _ = child.wait();
     rows.push(Row {
@@ -495,11 +499,27 @@ fn idle_rss(rows: &mut Vec<Row>) {
         ratio: String::new(),
         target: "< 15 MB",
     });
+    // The rest of RSS is the binary's code pages: shared, clean, reclaimable.
+    rows.push(Row {
+        what: "  of which anonymous (heap, stacks)".into(),
+        skillmesh: format!("{:.1} MB", anon_kb as f64 / 1024.0),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "",
+    });
 }
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
-    let quick = std::env::args().any(|a| a == "--quick");
+    let args: Vec<String> = std::env::args().collect();
+    let quick = args.iter().any(|a| a == "--quick");
+    // `--only NAME` runs one group: sequential, in-flight, cold, startup, rss.
+    let only = args
+        .iter()
+        .position(|a| a == "--only")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
+    let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
     let (seq, total, cold_n) = if quick {
         (500, 4_000, 5)
     } else {
@@ -507,12 +527,22 @@ async fn main() {
     };
     let mut rows = Vec::new();
     for net in [Net::Tcp, Net::Quic] {
-        sequential(net, seq, &mut rows).await;
-        in_flight(net, total, &mut rows).await;
-        cold(net, cold_n, &mut rows).await;
+        if run("sequential") {
+            sequential(net, seq, &mut rows).await;
+        }
+        if run("in-flight") {
+            in_flight(net, total, &mut rows).await;
+        }
+        if run("cold") {
+            cold(net, cold_n, &mut rows).await;
+        }
     }
-    startup(cold_n, &mut rows).await;
-    idle_rss(&mut rows);
+    if run("startup") {
+        startup(cold_n, &mut rows).await;
+    }
+    if run("rss") {
+        idle_rss(&mut rows);
+    }
 
     println!();
     println!(

@@ -1,5 +1,7 @@
 //! The call log writer: records each call's outcome in the store in batches, off the call path.
 
+use std::time::{Duration, Instant};
+
 use skillmesh_protocol::Timestamp;
 use tokio::sync::mpsc;
 
@@ -10,33 +12,86 @@ use crate::store::{CallLogEntry, Store};
 const QUEUE: usize = 4096;
 /// Entries written per transaction at most.
 const BATCH: usize = 512;
+/// How long the writer waits for more entries before a transaction.
+const LINGER: Duration = Duration::from_millis(50);
+/// How often the log is fsynced at most.
+const SYNC_EVERY: Duration = Duration::from_secs(1);
 
 /// A cheap handle to the writer task.
 #[derive(Clone, Debug)]
 pub(crate) struct CallLog {
     tx: mpsc::Sender<CallLogEntry>,
     dropped: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    stop: tokio::sync::watch::Sender<bool>,
+    writer: std::sync::Arc<std::sync::Mutex<Option<tokio::task::JoinHandle<()>>>>,
 }
 
 impl CallLog {
-    /// Starts the writer; it ends when every handle is dropped, after writing what is queued.
+    /// Starts the writer; it ends on [`CallLog::close`] or when every handle is dropped, after
+    /// writing what is queued.
     pub(crate) fn start(store: Store) -> Self {
         let (tx, mut rx) = mpsc::channel::<CallLogEntry>(QUEUE);
-        tokio::spawn(async move {
+        let (stop, mut stopped) = tokio::sync::watch::channel(false);
+        let writer = tokio::spawn(async move {
             let mut batch = Vec::with_capacity(BATCH);
-            while rx.recv_many(&mut batch, BATCH).await > 0 {
+            let mut last_sync = Instant::now();
+            loop {
+                let n = tokio::select! {
+                    n = rx.recv_many(&mut batch, BATCH) => n,
+                    _ = stopped.changed() => {
+                        while let Ok(e) = rx.try_recv() {
+                            batch.push(e);
+                        }
+                        if !batch.is_empty() {
+                            let _ = store.log_calls(std::mem::take(&mut batch), false).await;
+                        }
+                        0
+                    }
+                };
+                if n == 0 {
+                    break;
+                }
+                // Let a burst gather into one transaction instead of one per call.
+                tokio::time::sleep(LINGER).await;
+                let room = BATCH.saturating_sub(batch.len());
+                if room > 0 {
+                    while let Ok(e) = rx.try_recv() {
+                        batch.push(e);
+                        if batch.len() >= BATCH {
+                            break;
+                        }
+                    }
+                }
                 let entries = std::mem::take(&mut batch);
-                // A durable commit when the queue is drained keeps the log on disk at rest
-                // without an fsync per batch under load.
-                let durable = rx.is_empty();
+                // fsync at most once per SYNC_EVERY: a crash loses at most that much of the log,
+                // and calls never wait on the disk.
+                let durable = last_sync.elapsed() >= SYNC_EVERY;
+                if durable {
+                    last_sync = Instant::now();
+                }
                 if let Err(e) = store.log_calls(entries, durable).await {
                     tracing::warn!("call log not written: {e}");
                 }
+            }
+            // Every handle is gone: make what was written durable.
+            if let Err(e) = store.log_calls(Vec::new(), true).await {
+                tracing::warn!("call log not synced: {e}");
             }
         });
         CallLog {
             tx,
             dropped: Default::default(),
+            stop,
+            writer: std::sync::Arc::new(std::sync::Mutex::new(Some(writer))),
+        }
+    }
+
+    /// Writes what is queued, syncs, and stops the writer; returns when it has.
+    pub(crate) async fn close(&self) {
+        let _ = self.stop.send(true);
+        let writer = self.writer.lock().unwrap_or_else(|e| e.into_inner()).take();
+        if let Some(w) = writer {
+            let _ = w.await;
         }
     }
 

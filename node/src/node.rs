@@ -605,7 +605,9 @@ impl Node {
         self.inner.log.dropped()
     }
 
-    /// Stops the node: calls in flight get up to 5 s to answer, then every connection closes.
+    /// Stops the node: calls in flight get up to 5 s to answer, then every connection closes and
+    /// the call log is flushed. Once it returns and the last handle is dropped, the data dir can
+    /// be opened again.
     pub async fn shutdown(&self) -> Result<()> {
         let _ = self.request(|reply| Command::Shutdown { reply }).await;
         let task = self
@@ -617,6 +619,9 @@ impl Node {
         if let Some(task) = task {
             let _ = task.await;
         }
+        // The event loop is gone, and with it every inbound call; flush the call log so that
+        // nothing but this handle holds the store once shutdown returns.
+        self.inner.log.close().await;
         Ok(())
     }
 }

@@ -25,6 +25,8 @@ pub const SCHEMA_VERSION: u64 = 1;
 /// File name of the store inside the data dir.
 pub const STORE_FILE: &str = "store.redb";
 
+/// redb page cache.
+const CACHE_BYTES: usize = 4 * 1024 * 1024;
 /// Largest record we decode from our own tables; anything bigger is corruption.
 const MAX_RECORD_BYTES: usize = 2 * 1024 * 1024;
 
@@ -325,10 +327,15 @@ impl Store {
         if let Some(dir) = path.parent() {
             let _ = std::fs::create_dir_all(dir);
         }
-        let db = Database::create(path).map_err(|source| StoreError::Open {
-            path: path.to_owned(),
-            source: Box::new(source),
-        })?;
+        // A small page cache: the node's tables are small and hot paths do not read them;
+        // redb's default would let the cache grow to a large share of RSS.
+        let db = Database::builder()
+            .set_cache_size(CACHE_BYTES)
+            .create(path)
+            .map_err(|source| StoreError::Open {
+                path: path.to_owned(),
+                source: Box::new(source),
+            })?;
         let tx = db.begin_write()?;
         {
             let mut meta = tx.open_table(META)?;

@@ -415,8 +415,7 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, EnvelopeError> {
     signer.copy_from_slice(&header[4..36]);
     let mut sig = [0u8; 64];
     sig.copy_from_slice(&header[36..100]);
-    let key = ed25519_dalek::VerifyingKey::from_bytes(&signer)
-        .map_err(|_| EnvelopeError::InvalidSignerKey)?;
+    let (key, signer) = signer_key(&signer)?;
     // verify_strict rejects small-order keys and non-canonical signatures, so one payload has
     // exactly one valid signature per key (no malleability).
     key.verify_strict(
@@ -424,14 +423,47 @@ pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, EnvelopeError> {
         &ed25519_dalek::Signature::from_bytes(&sig),
     )
     .map_err(|_| EnvelopeError::BadSignature)?;
-    let signer = libp2p_identity::ed25519::PublicKey::try_from_bytes(&signer)
-        .map(|pk| libp2p_identity::PublicKey::from(pk).to_peer_id())
-        .map_err(|_| EnvelopeError::InvalidSignerKey)?;
     Ok(Verified {
         kind,
         signer,
         payload,
     })
+}
+
+/// Signer keys already decompressed, per thread. Decompressing a point (a field square root)
+/// is a large share of verification; agents talk to the same few peers again and again. Only
+/// valid keys enter, and the cache is emptied when full, so it stays bounded.
+const SIGNER_CACHE: usize = 4096;
+
+thread_local! {
+    static SIGNERS: std::cell::RefCell<std::collections::HashMap<[u8; 32], (ed25519_dalek::VerifyingKey, PeerId)>> =
+        std::cell::RefCell::new(std::collections::HashMap::new());
+}
+
+fn signer_key(bytes: &[u8; 32]) -> Result<(ed25519_dalek::VerifyingKey, PeerId), EnvelopeError> {
+    if let Some(hit) = SIGNERS.with(|c| c.borrow().get(bytes).copied()) {
+        return Ok(hit);
+    }
+    let key = ed25519_dalek::VerifyingKey::from_bytes(bytes)
+        .map_err(|_| EnvelopeError::InvalidSignerKey)?;
+    let peer = peer_id_of(bytes)?;
+    SIGNERS.with(|c| {
+        let mut c = c.borrow_mut();
+        if c.len() >= SIGNER_CACHE {
+            c.clear();
+        }
+        c.insert(*bytes, (key, peer));
+    });
+    Ok((key, peer))
+}
+
+/// The PeerId of an Ed25519 public key: the identity multihash (`0x00`, length 36) of the
+/// protobuf-encoded key (`0x08 0x01` type Ed25519, `0x12 0x20` 32 bytes of key). No curve math.
+fn peer_id_of(key: &[u8; 32]) -> Result<PeerId, EnvelopeError> {
+    let mut mh = [0u8; 38];
+    mh[..6].copy_from_slice(&[0x00, 0x24, 0x08, 0x01, 0x12, 0x20]);
+    mh[6..].copy_from_slice(key);
+    PeerId::from_bytes(&mh).map_err(|_| EnvelopeError::InvalidSignerKey)
 }
 
 /// Verifies an envelope and decodes it as `T`: every check, in order.
@@ -456,4 +488,29 @@ pub struct Opened<T> {
     pub signer: PeerId,
     /// `sha256(payload)`.
     pub id: MessageId,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn peer_id_derivation_matches_libp2p() {
+        for _ in 0..8 {
+            let kp = Keypair::generate_ed25519();
+            let key = SigningKey::from_keypair(&kp).expect("ed25519");
+            assert_eq!(
+                peer_id_of(&key.public_key()).expect("peer id"),
+                kp.public().to_peer_id()
+            );
+        }
+    }
+
+    #[test]
+    fn invalid_keys_never_enter_the_cache() {
+        let mut bad = [0u8; 32];
+        bad[0] = 2;
+        assert!(signer_key(&bad).is_err());
+        assert!(SIGNERS.with(|c| !c.borrow().contains_key(&bad)));
+    }
 }
