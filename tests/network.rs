@@ -476,3 +476,14 @@ async fn a_private_mesh_admits_only_nodes_with_its_key() {
         "{r:?}"
     );
 }
+
+#[tokio::test]
+async fn discovery_and_calls_work_over_the_memory_transport() {
+    let nodes = mesh(2, |c| {
+        c.network.listen = vec!["/memory/0".parse().expect("addr")];
+    })
+    .await;
+    let boot = nodes[0].listen_addrs().await.expect("addrs");
+    assert!(boot.iter().all(|a| a.to_string().starts_with("/memory/")));
+    serving(&nodes[1], &nodes[2]).await;
+}

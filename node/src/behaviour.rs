@@ -156,11 +156,46 @@ fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
     })
 }
 
+/// Which transports a node uses.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum TransportKind {
+    /// TCP and QUIC (or TCP with pnet in a private mesh), behind DNS.
+    #[default]
+    Network,
+    /// libp2p's in-process memory transport (`/memory/<port>` addresses), with the same Noise
+    /// and Yamux upgrades: many real nodes in one process, as netsim runs them.
+    Memory,
+}
+
 /// Builds the swarm for `config` with the node's key.
-pub(crate) fn build_swarm(key: Keypair, config: &Config) -> Result<Swarm<Behaviour>, Error> {
+pub(crate) fn build_swarm(
+    key: Keypair,
+    config: &Config,
+    kind: TransportKind,
+) -> Result<Swarm<Behaviour>, Error> {
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
     let idle = config.network.idle_timeout;
     let tcp_config = tcp::Config::default().nodelay(true);
+    if kind == TransportKind::Memory {
+        return Ok(SwarmBuilder::with_existing_identity(key)
+            .with_tokio()
+            .with_other_transport(|key| {
+                let noise = noise::Config::new(key)?;
+                Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
+                    libp2p::core::transport::MemoryTransport::default()
+                        .upgrade(Version::V1Lazy)
+                        .authenticate(noise)
+                        .multiplex(yamux::Config::default())
+                        .timeout(Duration::from_secs(20)),
+                )
+            })
+            .map_err(|e| transport_err(&e))?
+            .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+            .map_err(|e| transport_err(&e))?
+            .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
+            .build());
+    }
     let swarm = match config.mesh.psk_bytes() {
         None => SwarmBuilder::with_existing_identity(key)
             .with_tokio()

@@ -80,6 +80,7 @@ mod skills;
 pub mod store;
 mod wire;
 
+pub use behaviour::TransportKind;
 pub use discovery::{Found, Query};
 pub use error::{Error, Result};
 pub use event_loop::PublishReport;

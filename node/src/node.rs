@@ -19,7 +19,7 @@ use skillmesh_protocol::{
 use tokio::sync::{mpsc, oneshot};
 use tokio::task::JoinHandle;
 
-use crate::behaviour::build_swarm;
+use crate::behaviour::{TransportKind, build_swarm};
 use crate::call_log::CallLog;
 use crate::calls::{Inbound, final_state, peek, read_result};
 use crate::config::{Config, default_data_dir};
@@ -40,12 +40,20 @@ pub struct NodeBuilder {
     config: Config,
     data_dir: Option<PathBuf>,
     identity: Option<Identity>,
+    transport: TransportKind,
 }
 
 impl NodeBuilder {
     /// Where the node keeps its key and store (default: the per-user data dir).
     pub fn data_dir(mut self, dir: impl Into<PathBuf>) -> Self {
         self.data_dir = Some(dir.into());
+        self
+    }
+
+    /// Runs over another transport, e.g. the in-process memory transport (listen on
+    /// `/memory/0`).
+    pub fn transport(mut self, kind: TransportKind) -> Self {
+        self.transport = kind;
         self
     }
 
@@ -82,7 +90,7 @@ impl NodeBuilder {
         };
         let store = Store::open(&data_dir.join(STORE_FILE), config.store.clone()).await?;
 
-        let mut swarm = build_swarm(identity.keypair().clone(), &config)?;
+        let mut swarm = build_swarm(identity.keypair().clone(), &config, self.transport)?;
         let private = config.mesh.psk_bytes().is_some();
         for addr in &config.network.listen {
             if private && addr.iter().any(|p| matches!(p, Protocol::QuicV1)) {
@@ -253,6 +261,7 @@ impl Node {
             config,
             data_dir: None,
             identity: None,
+            transport: TransportKind::default(),
         }
     }
 

@@ -45,7 +45,18 @@ pub async fn start(config: Config) -> TestNode {
 
 pub async fn start_in(config: Config, dir: tempfile::TempDir) -> TestNode {
     let (identity, _) = Identity::load_or_create(dir.path()).expect("identity");
+    let memory = config
+        .network
+        .listen
+        .iter()
+        .any(|a| a.to_string().starts_with("/memory/"));
+    let transport = if memory {
+        skillmesh::TransportKind::Memory
+    } else {
+        skillmesh::TransportKind::Network
+    };
     let node = Node::builder(config)
+        .transport(transport)
         .data_dir(dir.path())
         .identity(identity.clone())
         .build()
