@@ -87,6 +87,8 @@ async fn skills_are_found_by_name_and_tag_and_called() {
     ));
 
     good_call(b, c.peer_id()).await;
+    // A node calling its own skill (found by discovery) is served locally, signed and checked.
+    good_call(c, c.peer_id()).await;
     assert_eq!(
         remote_code(b.call(c.peer_id(), "no-such-skill", json!({})).await),
         ErrorCode::UnknownSkill

@@ -1,9 +1,51 @@
 //! # skillmesh-netsim
 //!
-//! Runs many real skillmesh nodes (the node crate's own code, not a model of it) in one process,
-//! over libp2p's in-memory transport wrapped by a network model: per-link latency and bandwidth,
-//! connection failures, partitions, churn and NAT. Scenarios are TOML files with a seed, and the
-//! same seed gives the same topology, workload and fault schedule. See DESIGN §11.
+//! Runs many real skillmesh nodes (the node crate's own code, not a model of it) in one
+//! process, over libp2p's in-memory transport with the full stack (Noise, Yamux, Kademlia,
+//! gossipsub, signed calls), and reports how the network behaves: discovery success and time,
+//! call success and latency, gossip delivery and latency, memory. Scenarios are TOML with a
+//! seed: the same seed gives the same roles and workload. See DESIGN §11.
 //!
-//! Status: this crate is a placeholder in the workspace; the simulator is built on top of the
-//! node's event loop once that exists.
+//! Status: the runner and the measurements above. The network model of the design (per-link
+//! latency and bandwidth, loss, partitions, churn, NAT, relays) is the next step; until then
+//! links are the in-memory transport's, instant and lossless.
+//!
+//! ```
+//! # #[tokio::main(flavor = "multi_thread")]
+//! # async fn main() -> Result<(), skillmesh_netsim::SimError> {
+//! let scenario = skillmesh_netsim::Scenario::from_toml(r#"
+//!     name = "tiny"
+//!     seed = 7
+//!     nodes = 5
+//!     skills = 2
+//!     lookups = 4
+//!     calls = 4
+//!     events = 2
+//!     settle = "1s"
+//! "#)?;
+//! let report = skillmesh_netsim::run(&scenario).await?;
+//! assert_eq!(report.call_success, 1.0);
+//! println!("{}", report.table());
+//! # Ok(())
+//! # }
+//! ```
+
+mod report;
+mod run;
+mod scenario;
+
+pub use report::{Latency, Report};
+pub use run::run;
+pub use scenario::{MAX_NODES, Scenario};
+
+/// A simulation could not run.
+#[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
+pub enum SimError {
+    /// The scenario is invalid.
+    #[error("scenario: {0}")]
+    Scenario(String),
+    /// A node could not start or act.
+    #[error("node: {0}")]
+    Node(String),
+}

@@ -130,7 +130,7 @@ impl NodeBuilder {
         let event_loop = EventLoop::new(
             swarm,
             rx,
-            inbound,
+            inbound.clone(),
             signing.clone(),
             registry.clone(),
             config.clone(),
@@ -149,6 +149,7 @@ impl NodeBuilder {
                 store,
                 commands: tx,
                 log,
+                inbound: inbound.clone(),
                 metrics: metrics.node,
                 registry_metrics: metrics.registry,
                 event_seq: AtomicU64::new(Timestamp::now().as_millis()),
@@ -233,6 +234,7 @@ struct Inner {
     store: Store,
     commands: mpsc::Sender<Command>,
     log: CallLog,
+    inbound: Arc<Inbound>,
     metrics: NodeMetrics,
     registry_metrics: Arc<prometheus_client::registry::Registry>,
     event_seq: AtomicU64,
@@ -544,16 +546,24 @@ impl Node {
         call_id: CallId,
         timeout: Duration,
     ) -> Result<CallResult> {
-        let response = tokio::time::timeout(
-            timeout,
-            self.request(|reply| Command::Call {
-                peer,
-                request,
-                reply,
-            }),
-        )
-        .await
-        .map_err(|_| Error::Timeout(timeout))???;
+        // A call to ourselves (a skill found by discovery may be our own) cannot be dialled; it
+        // goes through the same signed pipeline and checks, without the network.
+        let response = if peer == self.inner.peer_id {
+            tokio::time::timeout(timeout, self.inner.inbound.handle(peer, request))
+                .await
+                .map_err(|_| Error::Timeout(timeout))?
+        } else {
+            tokio::time::timeout(
+                timeout,
+                self.request(|reply| Command::Call {
+                    peer,
+                    request,
+                    reply,
+                }),
+            )
+            .await
+            .map_err(|_| Error::Timeout(timeout))???
+        };
         read_result(&response, peer, self.inner.peer_id, call_id)
     }
 
