@@ -17,6 +17,9 @@ use crate::SimError;
 use crate::report::{Latency, Report, rss_mib};
 use crate::scenario::Scenario;
 
+/// Times each (receiving node, publisher, seq) was delivered.
+type Deliveries = HashMap<(usize, PeerId, u64), u32>;
+
 /// Operations in flight at once during the workload.
 const PARALLEL: usize = 32;
 /// Nodes started at once.
@@ -117,7 +120,7 @@ pub async fn run(s: &Scenario) -> Result<Report, SimError> {
     }
 
     // Every node listens on the topic; deliveries are recorded as they arrive.
-    let deliveries: Arc<Mutex<HashMap<(usize, PeerId, u64), u32>>> = Arc::default();
+    let deliveries: Arc<Mutex<Deliveries>> = Arc::default();
     let gossip_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
     let mut listeners = Vec::new();
     for (i, node) in nodes.iter().enumerate() {
