@@ -264,6 +264,37 @@ fn user_errors_are_one_clear_line() {
     let o = cli(dir.path(), &["-q", "run", "--listen", &port_addr]);
     assert_eq!(o.status.code(), Some(1));
     assert!(one_line(&o).contains("in use"));
+    // A second node on a data dir whose node is running is refused in one line.
+    let o = cli(a.dir.path(), &["-q", "run"]);
+    assert_eq!(o.status.code(), Some(1));
+    assert!(one_line(&o).contains("already running"));
+    drop(a);
+    // A stale address file (a node that crashed) does not stop a new node.
+    let stale = tempfile::tempdir().expect("tempdir");
+    std::fs::write(stale.path().join("api.addr"), "127.0.0.1:1").expect("write");
+    {
+        std::fs::write(stale.path().join("config.toml"), BASE).expect("write");
+        let mut child = Command::new(BIN)
+            .arg("--data-dir")
+            .arg(stale.path())
+            .args(["-q", "run"])
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn");
+        let start = Instant::now();
+        while std::fs::read_to_string(stale.path().join("api.addr"))
+            .map_or(true, |a| a.trim() == "127.0.0.1:1")
+        {
+            assert!(
+                start.elapsed() < Duration::from_secs(10),
+                "the new node never wrote its address"
+            );
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let _ = child.kill();
+        child.wait().expect("wait");
+    }
     // Usage errors are clap's, exit 2.
     let o = cli(dir.path(), &["call"]);
     assert_eq!(o.status.code(), Some(EXIT_USAGE));

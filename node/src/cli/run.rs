@@ -31,11 +31,9 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         config.api.listen = api;
     }
     config.validate().map_err(CliError::usage)?;
-    if ctx
-        .data_dir
-        .join(skillmesh::control::API_ADDR_FILE)
-        .exists()
-        && super::client::Api::connect(ctx)?.ping().await
+    // A stale address file (a node that crashed) is fine: only a node that answers blocks us.
+    if let Ok(api) = super::client::Api::connect(ctx)
+        && api.ping().await
     {
         return Err(CliError::failure(format!(
             "a node is already running with data dir {}; stop it first, or use another --data-dir",
