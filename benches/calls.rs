@@ -10,6 +10,7 @@
 //! 256-byte payload: skillmesh's signed, checked, logged sync calls against a bare libp2p
 //! request-response exchange (no signatures, no checks).
 
+use std::future::Future;
 use std::time::{Duration, Instant};
 
 use libp2p::futures::StreamExt;
@@ -236,39 +237,85 @@ struct Row {
     target: &'static str,
 }
 
+/// Warms up with 200 calls, then times `n` sequential ones.
+async fn timed<F, Fut>(n: usize, call: F) -> Vec<Duration>
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    for _ in 0..200 {
+        assert!(call().await, "warm-up call failed");
+    }
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
+        let t = Instant::now();
+        assert!(call().await, "call failed");
+        samples.push(t.elapsed());
+    }
+    samples.sort();
+    samples
+}
+
+/// `total` calls from 64 concurrent workers: calls per second, and failures.
+async fn hammer<F, Fut>(total: usize, call: F) -> (f64, usize)
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+{
+    const WORKERS: usize = 64;
+    let per_worker = total / WORKERS;
+    let t = Instant::now();
+    let tasks: Vec<_> = (0..WORKERS)
+        .map(|_| {
+            let call = call.clone();
+            tokio::spawn(async move {
+                let mut errors = 0usize;
+                for _ in 0..per_worker {
+                    if !call().await {
+                        errors += 1;
+                    }
+                }
+                errors
+            })
+        })
+        .collect();
+    let mut errors = 0;
+    for task in tasks {
+        errors += task.await.unwrap_or(per_worker);
+    }
+    (
+        (per_worker * WORKERS) as f64 / t.elapsed().as_secs_f64(),
+        errors,
+    )
+}
+
+/// A skillmesh echo call, as a closure the helpers can repeat.
+fn sm_call(
+    pair: &SmPair,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static {
+    let (node, peer, args) = (pair.caller.clone(), pair.callee.peer_id(), args_256());
+    move || {
+        let (node, args) = (node.clone(), args.clone());
+        Box::pin(async move { node.call(peer, "echo", args).await.is_ok() })
+    }
+}
+
+/// A plain libp2p echo, as a closure the helpers can repeat.
+fn plain_call(
+    client: &PlainClient,
+) -> impl Fn() -> std::pin::Pin<Box<dyn Future<Output = bool> + Send>> + Clone + Send + 'static {
+    let (client, payload) = (client.clone(), vec![0x78u8; 256]);
+    move || {
+        let (client, payload) = (client.clone(), payload.clone());
+        Box::pin(async move { client.call(&payload).await.is_ok() })
+    }
+}
+
 async fn sequential(net: Net, n: usize, rows: &mut Vec<Row>) {
     let pair = skillmesh_pair(net).await;
-    let peer = pair.callee.peer_id();
-    let args = args_256();
-    for _ in 0..200 {
-        pair.caller
-            .call(peer, "echo", args.clone())
-            .await
-            .expect("warm-up call");
-    }
-    let mut sm = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        pair.caller
-            .call(peer, "echo", args.clone())
-            .await
-            .expect("call");
-        sm.push(t.elapsed());
-    }
+    let sm = timed(n, sm_call(&pair)).await;
     let (server, addr) = plain_server(net).await;
-    let client = plain_client(net, server, addr);
-    let payload = vec![0x78u8; 256];
-    for _ in 0..200 {
-        client.call(&payload).await.expect("warm-up");
-    }
-    let mut pl = Vec::with_capacity(n);
-    for _ in 0..n {
-        let t = Instant::now();
-        client.call(&payload).await.expect("call");
-        pl.push(t.elapsed());
-    }
-    sm.sort();
-    pl.sort();
+    let pl = timed(n, plain_call(&plain_client(net, server, addr))).await;
     for (p, name, target) in [
         (0.5, "p50", "<= 1.5x"),
         (0.9, "p90", ""),
@@ -288,63 +335,13 @@ async fn sequential(net: Net, n: usize, rows: &mut Vec<Row>) {
 }
 
 async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
-    const WORKERS: usize = 64;
     let pair = skillmesh_pair(net).await;
-    let peer = pair.callee.peer_id();
-    let args = args_256();
-    for _ in 0..200 {
-        pair.caller
-            .call(peer, "echo", args.clone())
-            .await
-            .expect("warm-up");
-    }
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (node, args) = (pair.caller.clone(), args.clone());
-            tokio::spawn(async move {
-                let mut errors = 0usize;
-                for _ in 0..total / WORKERS {
-                    if node.call(peer, "echo", args.clone()).await.is_err() {
-                        errors += 1;
-                    }
-                }
-                errors
-            })
-        })
-        .collect();
-    let mut sm_errors = 0;
-    for task in tasks {
-        sm_errors += task.await.unwrap_or(total / WORKERS);
-    }
-    let sm_rate = (total / WORKERS * WORKERS) as f64 / t.elapsed().as_secs_f64();
-
+    timed(0, sm_call(&pair)).await; // warm-up
+    let (sm_rate, sm_errors) = hammer(total, sm_call(&pair)).await;
     let (server, addr) = plain_server(net).await;
     let client = plain_client(net, server, addr);
-    let payload = vec![0x78u8; 256];
-    for _ in 0..200 {
-        client.call(&payload).await.expect("warm-up");
-    }
-    let t = Instant::now();
-    let tasks: Vec<_> = (0..WORKERS)
-        .map(|_| {
-            let (client, payload) = (client.clone(), payload.clone());
-            tokio::spawn(async move {
-                let mut errors = 0usize;
-                for _ in 0..total / WORKERS {
-                    if client.call(&payload).await.is_err() {
-                        errors += 1;
-                    }
-                }
-                errors
-            })
-        })
-        .collect();
-    let mut pl_errors = 0;
-    for task in tasks {
-        pl_errors += task.await.unwrap_or(total / WORKERS);
-    }
-    let pl_rate = (total / WORKERS * WORKERS) as f64 / t.elapsed().as_secs_f64();
+    timed(0, plain_call(&client)).await;
+    let (pl_rate, pl_errors) = hammer(total, plain_call(&client)).await;
     rows.push(Row {
         what: format!("64 calls in flight, {}, calls/s", net.name()),
         skillmesh: format!("{sm_rate:.0}"),
