@@ -85,11 +85,10 @@ struct SmPair {
     _dirs: (tempfile::TempDir, tempfile::TempDir),
 }
 
-async fn skillmesh_pair(net: Net) -> SmPair {
-    let d1 = tempfile::tempdir().expect("tempdir");
-    let d2 = tempfile::tempdir().expect("tempdir");
+/// A node serving `echo`, with limits far above what the benchmark sends.
+async fn echo_callee(net: Net, dir: &std::path::Path) -> Node {
     let callee = Node::builder(config(net, vec![]))
-        .data_dir(d1.path())
+        .data_dir(dir)
         .build()
         .await
         .expect("callee");
@@ -100,6 +99,13 @@ async fn skillmesh_pair(net: Net) -> SmPair {
         .build()
         .expect("spec");
     callee.register_skill(spec, echo).await.expect("register");
+    callee
+}
+
+async fn skillmesh_pair(net: Net) -> SmPair {
+    let d1 = tempfile::tempdir().expect("tempdir");
+    let d2 = tempfile::tempdir().expect("tempdir");
+    let callee = echo_callee(net, d1.path()).await;
     let boot = callee.listen_addrs().await.expect("addrs");
     let caller = Node::builder(config(net, boot))
         .data_dir(d2.path())
@@ -363,16 +369,7 @@ async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
 /// A new peer: dial, handshake, first call.
 async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
     let d1 = tempfile::tempdir().expect("tempdir");
-    let callee = Node::builder(config(net, vec![]))
-        .data_dir(d1.path())
-        .build()
-        .await
-        .expect("callee");
-    let spec = SkillSpec::builder("echo", "1.0.0")
-        .share(ShareMode::Public)
-        .build()
-        .expect("spec");
-    callee.register_skill(spec, echo).await.expect("register");
+    let callee = echo_callee(net, d1.path()).await;
     let addr = callee.listen_addrs().await.expect("addrs")[0].clone();
     let args = args_256();
     let mut sm = Vec::new();

@@ -554,16 +554,7 @@ impl Store {
 
     /// This node's skills, by name.
     pub async fn skills(&self) -> Result<Vec<SkillSpec>, StoreError> {
-        self.run(|db, _| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(SKILLS)?;
-            let mut out = Vec::new();
-            for row in t.iter()? {
-                out.push(decode("skills", row?.1.value())?);
-            }
-            Ok(out)
-        })
-        .await
+        self.run(|db, _| all(db, SKILLS, "skills")).await
     }
 
     // ---- mailbox -----------------------------------------------------------------------------
@@ -818,9 +809,9 @@ fn get<T: DeserializeOwned>(
     v.map(|v| decode(name, v.value())).transpose()
 }
 
-fn all<T: DeserializeOwned>(
+fn all<K: redb::Key + 'static, T: DeserializeOwned>(
     db: &Database,
-    def: TableDefinition<'_, &[u8], &[u8]>,
+    def: TableDefinition<'_, K, &[u8]>,
     name: &'static str,
 ) -> Result<Vec<T>, StoreError> {
     let tx = db.begin_read()?;
