@@ -42,7 +42,8 @@ const MAIL_EXPIRY: TableDefinition<'_, &[u8], ()> = TableDefinition::new("mail_e
 const MAIL_IDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("mail_ids");
 /// `'r' || peer` or `'s' || peer` -> (count, bytes) held for a recipient / from a sender.
 const MAIL_USAGE: TableDefinition<'_, &[u8], (u64, u64)> = TableDefinition::new("mail_usage");
-/// `started_at (u64 BE) || call id || direction` -> [`CallLogEntry`], oldest first.
+/// `log seq (u64 BE) || call id || direction` -> [`CallLogEntry`], in the order calls were first
+/// logged: a counter, not a clock, so calls within one millisecond keep their order.
 const CALL_LOG: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_log");
 /// `call id || direction` -> call log key.
 const CALL_INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_index");
@@ -50,6 +51,7 @@ const CALL_INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call
 const KEY_SCHEMA: &str = "schema_version";
 const KEY_MAIL_SEQ: &str = "next_mail_seq";
 const KEY_MAIL_BYTES: &str = "mail_bytes";
+const KEY_CALL_SEQ: &str = "next_call_seq";
 
 /// Bounds on every table.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
@@ -747,13 +749,16 @@ impl Store {
             {
                 let mut log = tx.open_table(CALL_LOG)?;
                 let mut index = tx.open_table(CALL_INDEX)?;
+                let mut meta = tx.open_table(META)?;
+                let mut seq = meta.get(KEY_CALL_SEQ)?.map(|v| v.value()).unwrap_or(0);
                 for entry in entries {
                     let ikey = call_index_key(&entry.call_id, entry.direction);
                     let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
                     let key = match existing {
                         Some(k) => k,
                         None => {
-                            let mut k = entry.started_at.as_millis().to_be_bytes().to_vec();
+                            let mut k = seq.to_be_bytes().to_vec();
+                            seq += 1;
                             k.extend_from_slice(&ikey);
                             index.insert(ikey.as_slice(), k.as_slice())?;
                             k
@@ -761,6 +766,7 @@ impl Store {
                     };
                     log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
                 }
+                meta.insert(KEY_CALL_SEQ, seq)?;
                 while log.len()? > limits.max_call_log {
                     let Some((k, _)) = log.pop_first()? else {
                         break;
