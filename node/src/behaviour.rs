@@ -22,7 +22,10 @@ use libp2p::{
 };
 use sha2::{Digest, Sha256};
 use skillmesh_protocol::Kind;
-use skillmesh_protocol::keys::{CALL_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL};
+use skillmesh_protocol::keys::{
+    CALL_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAILBOX_PROTOCOL,
+};
+use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
 use crate::config::{Config, KadMode};
 use crate::error::Error;
@@ -44,6 +47,7 @@ pub(crate) struct Behaviour {
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     pub(crate) calls: request_response::Behaviour<FrameCodec>,
+    pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
 }
 
@@ -135,6 +139,14 @@ fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
             .with_max_concurrent_streams(config.calls.max_inbound as usize + 64),
     );
 
+    let mailbox = request_response::Behaviour::with_codec(
+        FrameCodec::new(MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES),
+        [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(Duration::from_secs(60))
+            .with_max_concurrent_streams(256),
+    );
+
     let mdns = if net.mdns {
         Some(
             mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
@@ -152,6 +164,7 @@ fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
         kad,
         gossipsub,
         calls,
+        mailbox,
         mdns: mdns.into(),
     })
 }

@@ -115,6 +115,12 @@ pub struct Config {
     pub gossip: GossipConfig,
     /// Table bounds.
     pub store: StoreLimits,
+    /// Serving as a relay (and mailbox) for others.
+    pub relay: RelayConfig,
+    /// Reachability and relayed addresses of this node.
+    pub nat: NatConfig,
+    /// Sending and receiving end-to-end encrypted mail.
+    pub mail: MailConfig,
     /// The local control API.
     pub api: ApiConfig,
     /// Skills the daemon serves, backed by a command or a local HTTP endpoint.
@@ -290,6 +296,130 @@ impl Default for CallsConfig {
             burst_per_peer: 200,
             timeout: Duration::from_secs(30),
             max_skew: skillmesh_protocol::MAX_CLOCK_SKEW,
+        }
+    }
+}
+
+/// `[relay]`: circuit relay v2 server and mailbox, for nodes others can reach.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct RelayConfig {
+    /// Run a relay and advertise it under `skillmesh/relay` in the DHT.
+    pub enabled: bool,
+    /// Also hold end-to-end encrypted mail for offline agents (needs `enabled`).
+    pub mailbox: bool,
+    /// Reservations held at once, all peers together.
+    pub max_reservations: u32,
+    /// Reservations of one peer.
+    pub max_reservations_per_peer: u32,
+    /// How long a reservation lasts before the peer renews it.
+    #[serde(with = "humantime_serde")]
+    pub reservation_duration: Duration,
+    /// Relayed connections at once.
+    pub max_circuits: u32,
+    /// Relayed connections of one peer at once.
+    pub max_circuits_per_peer: u32,
+    /// How long one relayed connection may last (libp2p's default, 2 min, is too short for
+    /// agents that call each other all day).
+    #[serde(with = "humantime_serde")]
+    pub max_circuit_duration: Duration,
+    /// Bytes one relayed connection may carry (libp2p's default is 128 KiB).
+    pub max_circuit_bytes: u64,
+    /// The longest time a deposit is kept, whatever the sender asks.
+    #[serde(with = "humantime_serde")]
+    pub max_mail_ttl: Duration,
+}
+
+impl Default for RelayConfig {
+    fn default() -> Self {
+        RelayConfig {
+            enabled: false,
+            mailbox: true,
+            max_reservations: 256,
+            max_reservations_per_peer: 4,
+            reservation_duration: Duration::from_secs(3600),
+            max_circuits: 512,
+            max_circuits_per_peer: 16,
+            max_circuit_duration: Duration::from_secs(3600),
+            max_circuit_bytes: 256 * 1024 * 1024,
+            max_mail_ttl: Duration::from_secs(72 * 3600),
+        }
+    }
+}
+
+/// Whether others can dial this node.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Reachability {
+    /// Ask AutoNAT.
+    Auto,
+    /// Reachable: never reserve relay slots.
+    Public,
+    /// Not reachable: reserve relay slots right away.
+    Private,
+}
+
+/// `[nat]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct NatConfig {
+    /// `auto` (AutoNAT decides), `public` or `private`.
+    pub reachability: Reachability,
+    /// Relays to reserve on when private (with `/p2p/<peer id>`); empty: found in the DHT.
+    pub relays: Vec<Multiaddr>,
+    /// Relays to hold reservations on at once.
+    pub max_reservations: u32,
+    /// Try to turn relayed connections into direct ones (DCUtR hole punching).
+    pub hole_punching: bool,
+}
+
+impl Default for NatConfig {
+    fn default() -> Self {
+        NatConfig {
+            reachability: Reachability::Auto,
+            relays: Vec::new(),
+            max_reservations: 2,
+            hole_punching: true,
+        }
+    }
+}
+
+/// `[mail]`
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct MailConfig {
+    /// Mailbox relays that hold this node's mail (with `/p2p/<peer id>`); empty: found in the
+    /// DHT.
+    pub mailboxes: Vec<Multiaddr>,
+    /// Mailboxes to advertise and fetch from at once (at most 4).
+    pub max_mailboxes: u32,
+    /// How long mail this node sends is kept for an offline recipient.
+    #[serde(with = "humantime_serde")]
+    pub ttl: Duration,
+    /// How often to fetch from the mailboxes (also on every connection to one).
+    #[serde(with = "humantime_serde")]
+    pub fetch_interval: Duration,
+    /// How long a message waits for an earlier one of the same sender before it is delivered
+    /// anyway.
+    #[serde(with = "humantime_serde")]
+    pub reorder_wait: Duration,
+    /// How long a direct delivery may take before the mail goes to the mailboxes instead.
+    #[serde(with = "humantime_serde")]
+    pub direct_timeout: Duration,
+    /// Received messages held for the application.
+    pub max_inbox: u64,
+}
+
+impl Default for MailConfig {
+    fn default() -> Self {
+        MailConfig {
+            mailboxes: Vec::new(),
+            max_mailboxes: 2,
+            ttl: Duration::from_secs(72 * 3600),
+            fetch_interval: Duration::from_secs(30),
+            reorder_wait: Duration::from_secs(10),
+            direct_timeout: Duration::from_secs(5),
+            max_inbox: 10_000,
         }
     }
 }
@@ -570,6 +700,78 @@ impl Config {
             g.presence_interval,
             Duration::from_secs(1),
         )?;
+
+        let r = &self.relay;
+        if r.enabled {
+            at_least("relay.max_reservations", r.max_reservations, 1)?;
+            at_least("relay.max_circuits", r.max_circuits, 1)?;
+            at_least("relay.max_circuit_bytes", r.max_circuit_bytes, 64 * 1024)?;
+            duration_at_least(
+                "relay.max_circuit_duration",
+                r.max_circuit_duration,
+                Duration::from_secs(10),
+            )?;
+        }
+        duration_at_least(
+            "relay.max_mail_ttl",
+            r.max_mail_ttl,
+            Duration::from_secs(60),
+        )?;
+        if r.max_mail_ttl > skillmesh_protocol::MAX_MAIL_TTL {
+            return Err(invalid(
+                "relay.max_mail_ttl",
+                humantime::format_duration(r.max_mail_ttl),
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(skillmesh_protocol::MAX_MAIL_TTL)
+                ),
+            ));
+        }
+        for (key, list) in [
+            ("nat.relays", &self.nat.relays),
+            ("mail.mailboxes", &self.mail.mailboxes),
+        ] {
+            for (i, a) in list.iter().enumerate() {
+                if !matches!(a.iter().last(), Some(libp2p::multiaddr::Protocol::P2p(_))) {
+                    return Err(invalid(
+                        &format!("{key}[{i}]"),
+                        a,
+                        "must end with /p2p/<peer id>",
+                    ));
+                }
+            }
+        }
+        let m = &self.mail;
+        at_least("mail.max_mailboxes", m.max_mailboxes, 1)?;
+        if m.max_mailboxes as usize > skillmesh_protocol::MAX_CARD_MAILBOXES {
+            return Err(invalid(
+                "mail.max_mailboxes",
+                m.max_mailboxes,
+                format!("must be at most {}", skillmesh_protocol::MAX_CARD_MAILBOXES),
+            ));
+        }
+        duration_at_least("mail.ttl", m.ttl, Duration::from_secs(60))?;
+        if m.ttl > skillmesh_protocol::MAX_MAIL_TTL {
+            return Err(invalid(
+                "mail.ttl",
+                humantime::format_duration(m.ttl),
+                format!(
+                    "must be at most {}",
+                    humantime::format_duration(skillmesh_protocol::MAX_MAIL_TTL)
+                ),
+            ));
+        }
+        duration_at_least(
+            "mail.fetch_interval",
+            m.fetch_interval,
+            Duration::from_millis(100),
+        )?;
+        duration_at_least(
+            "mail.direct_timeout",
+            m.direct_timeout,
+            Duration::from_millis(100),
+        )?;
+        at_least("mail.max_inbox", m.max_inbox, 1)?;
 
         let s = &self.store;
         for (k, v) in [

@@ -13,7 +13,7 @@ use libp2p::{Multiaddr, PeerId};
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::{card_key, skill_key, tag_key};
 use skillmesh_protocol::{
-    AgentCard, MAX_CARD_ADDRS, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
+    AgentCard, MAX_CARD_ADDRS, PrekeyBundle, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
 };
 
 /// What to look for.
@@ -74,12 +74,20 @@ pub(crate) fn provider_keys(specs: &[SkillSpec]) -> HashSet<RecordKey> {
     keys
 }
 
+/// What a card carries besides skills and addresses.
+#[derive(Clone, Copy, Debug, Default)]
+pub(crate) struct CardExtras<'a> {
+    pub(crate) mailboxes: &'a [PeerId],
+    pub(crate) prekeys: Option<&'a PrekeyBundle>,
+}
+
 /// Signs this node's card.
 pub(crate) fn build_card(
     signing: &SigningKey,
     name: &str,
     specs: &[SkillSpec],
     addrs: &[Multiaddr],
+    extras: CardExtras<'_>,
     seq: u64,
     ttl: Duration,
 ) -> Result<(AgentCard, Vec<u8>), skillmesh_protocol::EnvelopeError> {
@@ -92,8 +100,8 @@ pub(crate) fn build_card(
         name: name.to_owned(),
         skills: specs.iter().map(SkillSpec::compact).collect(),
         addrs,
-        mailboxes: Vec::new(),
-        prekeys: None,
+        mailboxes: extras.mailboxes.to_vec(),
+        prekeys: extras.prekeys.cloned(),
         seq,
         issued_at: now,
         expires_at: now.saturating_add(ttl),
@@ -135,8 +143,16 @@ mod tests {
             "/ip4/0.0.0.0/tcp/1".parse().expect("a"),
             "/ip4/127.0.0.1/tcp/1".parse().expect("a"),
         ];
-        let (card, bytes) =
-            build_card(&k, "a", &[], &addrs, 1, Duration::from_secs(60)).expect("card");
+        let (card, bytes) = build_card(
+            &k,
+            "a",
+            &[],
+            &addrs,
+            CardExtras::default(),
+            1,
+            Duration::from_secs(60),
+        )
+        .expect("card");
         assert_eq!(card.addrs.len(), 1, "unspecified address dropped");
         let good = kad::Record::new(RecordKey::new(&card_key(&k.peer_id())), bytes.clone());
         assert!(verify_card_record(&good).is_ok());

@@ -62,6 +62,15 @@ pub enum Error {
     /// Too many requests are pending in the node; try again.
     #[error("the node is overloaded: {0}")]
     Overloaded(&'static str),
+    /// No mailbox took the message and the recipient is not reachable.
+    #[error("mail to {peer} not delivered: {reason}")]
+    Undelivered {
+        /// The recipient.
+        peer: Box<PeerId>,
+        /// What each place said.
+        reason: String,
+    },
+
     /// The node has shut down.
     #[error("the node is shut down")]
     ShutDown,

@@ -19,19 +19,28 @@ use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, Respons
 use libp2p::swarm::SwarmEvent;
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use skillmesh_protocol::envelope::{self, Checks};
-use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key};
-use skillmesh_protocol::{AgentCard, Event, MeshName, SigningKey, Timestamp};
+use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key, mailbox_key, relay_key};
+use skillmesh_protocol::{AgentCard, Event, MeshName, PrekeyBundle, SigningKey, Timestamp};
 use tokio::sync::{broadcast, mpsc, oneshot};
 use tokio::task::JoinSet;
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::calls::Inbound;
 use crate::config::Config;
-use crate::discovery::{build_card, provider_keys, verify_card_record};
+use crate::discovery::{CardExtras, build_card, provider_keys, verify_card_record};
 use crate::error::{Error, Result};
 use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
+use crate::mail::service::MailService;
 use crate::metrics::NodeMetrics;
 use crate::skills::{self, Registry};
+
+/// An answer to an inbound request, ready to send.
+struct Response {
+    proto: Proto,
+    peer: PeerId,
+    channel: ResponseChannel<Vec<u8>>,
+    response: Vec<u8>,
+}
 
 /// Commands waiting for the loop; senders wait (backpressure) when it is full.
 pub(crate) const COMMAND_BUFFER: usize = 1024;
@@ -72,6 +81,16 @@ pub(crate) enum Command {
         request: Vec<u8>,
         reply: oneshot::Sender<Result<Vec<u8>>>,
     },
+    Mailbox {
+        peer: PeerId,
+        request: Vec<u8>,
+        reply: oneshot::Sender<Result<Vec<u8>>>,
+    },
+    /// New prekeys or mailboxes for this node's card; republished shortly after.
+    SetCard {
+        prekeys: Option<PrekeyBundle>,
+        mailboxes: Option<Vec<PeerId>>,
+    },
     Subscribe {
         topic: String,
         reply: oneshot::Sender<Result<broadcast::Receiver<Delivered>>>,
@@ -106,7 +125,15 @@ pub struct PublishReport {
     pub keys_replicated: usize,
 }
 
+/// Which request-response protocol a request rides.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+enum Proto {
+    Call,
+    Mailbox,
+}
+
 struct PendingCall {
+    proto: Proto,
     peer: PeerId,
     request: Vec<u8>,
     reply: oneshot::Sender<Result<Vec<u8>>>,
@@ -133,8 +160,9 @@ enum Pending {
 pub(crate) struct EventLoop {
     swarm: Swarm<Behaviour>,
     commands: mpsc::Receiver<Command>,
-    responses_tx: mpsc::Sender<(PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)>,
-    responses_rx: mpsc::Receiver<(PeerId, ResponseChannel<Vec<u8>>, Vec<u8>)>,
+    responses_tx: mpsc::Sender<Response>,
+    responses_rx: mpsc::Receiver<Response>,
+    mail: Arc<MailService>,
     /// Inbound calls being served, per peer: their connections are not trimmed.
     serving: HashMap<PeerId, u32>,
     last_trim: Instant,
@@ -155,7 +183,10 @@ pub(crate) struct EventLoop {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     connected_waiters: Vec<oneshot::Sender<()>>,
 
-    calls: HashMap<OutboundRequestId, PendingCall>,
+    calls: HashMap<(Proto, OutboundRequestId), PendingCall>,
+    prekeys: Option<PrekeyBundle>,
+    mailboxes: Vec<PeerId>,
+    republish_due: Option<Instant>,
     queries: HashMap<QueryId, Pending>,
     groups: HashMap<u64, PublishGroup>,
     next_group: u64,
@@ -180,6 +211,8 @@ impl EventLoop {
         bootstrap: HashSet<PeerId>,
         metrics: NodeMetrics,
         p2p_metrics: libp2p::metrics::Metrics,
+        mail: Arc<MailService>,
+        prekeys: PrekeyBundle,
     ) -> Self {
         let (responses_tx, responses_rx) = mpsc::channel(RESPONSE_BUFFER);
         let mesh = config.mesh_name();
@@ -189,6 +222,10 @@ impl EventLoop {
             commands,
             responses_tx,
             responses_rx,
+            mail,
+            prekeys: Some(prekeys),
+            mailboxes: Vec::new(),
+            republish_due: None,
             inbound,
             inflight: JoinSet::new(),
             metrics,
@@ -241,7 +278,7 @@ impl EventLoop {
                     None => break None,
                 },
                 event = self.swarm.select_next_some() => self.on_swarm_event(event),
-                Some((peer, channel, response)) = self.responses_rx.recv() => self.respond(peer, channel, response),
+                Some(r) = self.responses_rx.recv() => self.respond(r),
                 Some(_) = self.inflight.join_next(), if !self.inflight.is_empty() => {}
                 _ = republish.tick() => self.republish(None),
                 _ = presence.tick() => self.presence_due = Some(Instant::now()),
@@ -268,15 +305,17 @@ impl EventLoop {
             tokio::select! {
                 _ = &mut deadline => break,
                 Some(_) = self.inflight.join_next() => {}
-                Some((peer, channel, response)) = self.responses_rx.recv() => self.respond(peer, channel, response),
+                Some(r) = self.responses_rx.recv() => self.respond(r),
                 _ = self.swarm.select_next_some() => {}
             }
         }
         // Flush answers that finished last.
-        while let Ok((peer, channel, response)) = self.responses_rx.try_recv() {
-            self.respond(peer, channel, response);
+        while let Ok(r) = self.responses_rx.try_recv() {
+            self.respond(r);
         }
         self.inflight.abort_all();
+        // Aborted tasks still hold the store until they are polled out.
+        while self.inflight.join_next().await.is_some() {}
         for (_, call) in self.calls.drain() {
             let _ = call.reply.send(Err(Error::ShutDown));
         }
@@ -326,11 +365,36 @@ impl EventLoop {
                 reply,
             } => {
                 self.send_call(PendingCall {
+                    proto: Proto::Call,
                     peer,
                     request,
                     reply,
                     looked_up: false,
                 });
+            }
+            Command::Mailbox {
+                peer,
+                request,
+                reply,
+            } => {
+                self.send_call(PendingCall {
+                    proto: Proto::Mailbox,
+                    peer,
+                    request,
+                    reply,
+                    looked_up: false,
+                });
+            }
+            Command::SetCard { prekeys, mailboxes } => {
+                if let Some(p) = prekeys {
+                    self.prekeys = Some(p);
+                }
+                if let Some(m) = mailboxes {
+                    self.mailboxes = m;
+                }
+                // Debounced: a burst of used one-time keys makes one new card.
+                let soon = Instant::now() + Duration::from_millis(200);
+                self.republish_due = Some(self.republish_due.map_or(soon, |t| t.min(soon)));
             }
             Command::Subscribe { topic, reply } => {
                 let _ = reply.send(self.subscribe(topic));
@@ -388,18 +452,24 @@ impl EventLoop {
         Ok(rx)
     }
 
-    fn respond(&mut self, peer: PeerId, channel: ResponseChannel<Vec<u8>>, response: Vec<u8>) {
+    fn respond(&mut self, r: Response) {
+        let Response {
+            proto,
+            peer,
+            channel,
+            response,
+        } = r;
         if let Some(n) = self.serving.get_mut(&peer) {
             *n -= 1;
             if *n == 0 {
                 self.serving.remove(&peer);
             }
         }
-        let _ = self
-            .swarm
-            .behaviour_mut()
-            .calls
-            .send_response(channel, response);
+        let b = self.swarm.behaviour_mut();
+        let _ = match proto {
+            Proto::Call => b.calls.send_response(channel, response),
+            Proto::Mailbox => b.mailbox.send_response(channel, response),
+        };
     }
 
     /// Above the high watermark, closes the least useful connections down to the low one.
@@ -433,12 +503,12 @@ impl EventLoop {
     }
 
     fn send_call(&mut self, call: PendingCall) {
-        let id = self
-            .swarm
-            .behaviour_mut()
-            .calls
-            .send_request(&call.peer, call.request.clone());
-        self.calls.insert(id, call);
+        let b = self.swarm.behaviour_mut();
+        let id = match call.proto {
+            Proto::Call => b.calls.send_request(&call.peer, call.request.clone()),
+            Proto::Mailbox => b.mailbox.send_request(&call.peer, call.request.clone()),
+        };
+        self.calls.insert((call.proto, id), call);
     }
 
     /// Re-signs this node's card and announces it and every provider key.
@@ -453,6 +523,10 @@ impl EventLoop {
             &self.config.node.name,
             &specs,
             &addrs,
+            CardExtras {
+                mailboxes: &self.mailboxes,
+                prekeys: self.prekeys.as_ref(),
+            },
             self.card_seq,
             ttl,
         ) {
@@ -482,7 +556,13 @@ impl EventLoop {
             }
             Err(e) => tracing::warn!("cannot store own card: {e}"),
         }
-        let keys = provider_keys(&specs);
+        let mut keys = provider_keys(&specs);
+        if self.config.relay.enabled {
+            keys.insert(RecordKey::new(&relay_key()));
+        }
+        if self.mail.is_mailbox() {
+            keys.insert(RecordKey::new(&mailbox_key()));
+        }
         for old in self.provided.difference(&keys) {
             kad.stop_providing(old);
         }
@@ -508,6 +588,10 @@ impl EventLoop {
     }
 
     fn housekeeping(&mut self) {
+        if self.republish_due.is_some_and(|t| t <= Instant::now()) {
+            self.republish_due = None;
+            self.republish(None);
+        }
         if self.last_trim.elapsed() >= TRIM_INTERVAL {
             self.last_trim = Instant::now();
             self.trim_connections();
@@ -609,6 +693,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+                self.mail.messenger().connected(&peer_id);
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
                 }
@@ -638,31 +723,45 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Calls(e)) => self.on_calls(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Calls(e)) => self.on_requests(Proto::Call, e),
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => {
+                self.on_requests(Proto::Mailbox, e)
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             _ => {}
         }
     }
 
-    fn on_calls(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_requests(&mut self, proto: Proto, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
                     let inbound = self.inbound.clone();
+                    let mail = self.mail.clone();
                     let tx = self.responses_tx.clone();
                     *self.serving.entry(peer).or_insert(0) += 1;
                     self.inflight.spawn(async move {
-                        let response = inbound.handle(peer, request).await;
-                        let _ = tx.send((peer, channel, response)).await;
+                        let response = match proto {
+                            Proto::Call => inbound.handle(peer, request).await,
+                            Proto::Mailbox => mail.handle(peer, request).await,
+                        };
+                        let _ = tx
+                            .send(Response {
+                                proto,
+                                peer,
+                                channel,
+                                response,
+                            })
+                            .await;
                     });
                 }
                 request_response::Message::Response {
                     request_id,
                     response,
                 } => {
-                    if let Some(call) = self.calls.remove(&request_id) {
+                    if let Some(call) = self.calls.remove(&(proto, request_id)) {
                         let _ = call.reply.send(Ok(response));
                     }
                 }
@@ -670,7 +769,7 @@ impl EventLoop {
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                let Some(call) = self.calls.remove(&request_id) else {
+                let Some(call) = self.calls.remove(&(proto, request_id)) else {
                     return;
                 };
                 match error {

@@ -28,6 +28,8 @@ use crate::error::{Error, Result};
 use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, PublishReport};
 use crate::events::{PeerInfo, Subscription};
 use crate::identity::Identity;
+use crate::mail::service::MailService;
+use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::skills::{Registered, Registry, SkillHandler};
 use crate::store::{CallLogEntry, Direction, STORE_FILE, Store, StoreError, StoredCard};
@@ -127,6 +129,25 @@ impl NodeBuilder {
         ));
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
+        let secret = identity
+            .keypair()
+            .clone()
+            .try_into_ed25519()
+            .map_err(|_| Error::Transport("the identity is not an Ed25519 key".to_owned()))?;
+        let (messenger, prekeys) = Messenger::load(
+            signing.clone(),
+            secret.secret().as_ref(),
+            store.clone(),
+            config.clone(),
+            tx.downgrade(),
+        )
+        .await?;
+        let mail = MailService::start(
+            store.clone(),
+            messenger.clone(),
+            config.relay.enabled && config.relay.mailbox,
+            config.relay.max_mail_ttl,
+        );
         let event_loop = EventLoop::new(
             swarm,
             rx,
@@ -137,8 +158,11 @@ impl NodeBuilder {
             bootstrap.clone(),
             metrics.node.clone(),
             metrics.libp2p,
+            mail,
+            prekeys,
         );
         let task = tokio::spawn(event_loop.run());
+        let fetcher = tokio::spawn(messenger.clone().run_fetcher());
         let node = Node {
             inner: Arc::new(Inner {
                 peer_id: signing.peer_id(),
@@ -153,6 +177,8 @@ impl NodeBuilder {
                 metrics: metrics.node,
                 registry_metrics: metrics.registry,
                 event_seq: AtomicU64::new(Timestamp::now().as_millis()),
+                messenger,
+                fetcher: Mutex::new(Some(fetcher)),
                 task: Mutex::new(Some(task)),
             }),
         };
@@ -238,7 +264,22 @@ struct Inner {
     metrics: NodeMetrics,
     registry_metrics: Arc<prometheus_client::registry::Registry>,
     event_seq: AtomicU64,
+    messenger: Arc<Messenger>,
+    fetcher: Mutex<Option<JoinHandle<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
+}
+
+impl Drop for Inner {
+    fn drop(&mut self) {
+        if let Some(f) = self
+            .fetcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take()
+        {
+            f.abort();
+        }
+    }
 }
 
 /// A running skillmesh node. Cheap to clone; every clone drives the same node. The node stops
@@ -624,10 +665,52 @@ impl Node {
         self.inner.log.dropped()
     }
 
+    /// Sends `data` end-to-end encrypted to `peer`: directly when it answers, else to the
+    /// mailboxes its card names, where it waits (up to `mail.ttl`) until `peer` fetches it.
+    pub async fn send(&self, peer: PeerId, data: &[u8]) -> Result<SendReport> {
+        self.inner.messenger.send(peer, data).await
+    }
+
+    /// Received messages, in order per sender. Each message is handed out once, to whichever
+    /// inbox takes it first, and is removed from the store when taken.
+    pub fn inbox(&self) -> Inbox {
+        Inbox::new(self.inner.messenger.clone())
+    }
+
+    /// The next received message if one is ready now (see [`Node::inbox`]).
+    pub async fn try_next_message(&self) -> Result<Option<Message>> {
+        self.inner.messenger.try_next_message().await
+    }
+
+    /// Fetches from this node's mailboxes now; returns how many new messages came.
+    pub async fn fetch_mail(&self) -> usize {
+        self.inner.messenger.fetch_round().await
+    }
+
+    /// `peer`'s agent card, from the DHT (or the store's cache when the DHT has none).
+    pub async fn card(&self, peer: PeerId) -> Result<Option<skillmesh_protocol::AgentCard>> {
+        self.inner.messenger.card_of(peer).await
+    }
+
+    /// The mailboxes this node advertises.
+    pub fn mailboxes(&self) -> Vec<PeerId> {
+        self.inner.messenger.mailboxes()
+    }
+
     /// Stops the node: calls in flight get up to 5 s to answer, then every connection closes and
     /// the call log is flushed. Once it returns and the last handle is dropped, the data dir can
     /// be opened again.
     pub async fn shutdown(&self) -> Result<()> {
+        let fetcher = self
+            .inner
+            .fetcher
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .take();
+        if let Some(f) = fetcher {
+            f.abort();
+            let _ = f.await;
+        }
         let _ = self.request(|reply| Command::Shutdown { reply }).await;
         let task = self
             .inner

@@ -48,6 +48,11 @@ const CALL_LOG: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_l
 /// `call id || direction` -> call log key.
 const CALL_INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_index");
 
+mod inbox;
+pub(crate) use inbox::OlmState;
+pub use inbox::{Accepted, InboxEntry, SessionRow};
+use inbox::{INBOX, INBOX_MARK, OLM, OUT_SEQ};
+
 const KEY_SCHEMA: &str = "schema_version";
 const KEY_MAIL_SEQ: &str = "next_mail_seq";
 const KEY_MAIL_BYTES: &str = "mail_bytes";
@@ -365,6 +370,10 @@ impl Store {
             tx.open_table(MAIL_USAGE)?;
             tx.open_table(CALL_LOG)?;
             tx.open_table(CALL_INDEX)?;
+            tx.open_table(OLM)?;
+            tx.open_table(OUT_SEQ)?;
+            tx.open_table(INBOX)?;
+            tx.open_table(INBOX_MARK)?;
         }
         tx.commit()?;
         Ok(db)

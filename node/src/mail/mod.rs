@@ -1,0 +1,687 @@
+//! End-to-end encrypted messages between agents, delivered directly or through mailboxes
+//! (DESIGN §8).
+//!
+//! [`Messenger`] is the node's side of it: `send` seals a message (Olm, then a signed
+//! `sealed-message` envelope) and hands it to the recipient itself over `/skillmesh/mailbox/1`
+//! when it answers, else deposits it at the mailboxes in the recipient's card. It also fetches
+//! this node's own mail from its mailboxes, on every connection to one and periodically, and
+//! keeps received messages durably until the application takes them from [`Inbox`].
+//!
+//! [`service`] is the other side: it answers mailbox requests, storing deposits for others when
+//! this node runs a mailbox and taking messages addressed to itself.
+
+pub(crate) mod olm;
+pub(crate) mod service;
+
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use futures::Stream;
+use libp2p::PeerId;
+use libp2p::kad::RecordKey;
+use serde_bytes::ByteBuf;
+use skillmesh_protocol::envelope::{self, Checks};
+use skillmesh_protocol::keys::mailbox_key;
+use skillmesh_protocol::{
+    AgentCard, Deposit, Fetch, MAX_CIPHERTEXT_BYTES, MAX_FETCH_BATCH, MailboxErrorCode,
+    MailboxRequest, MailboxResponse, MessageId, PrekeyBundle, SealedMessage, SigningKey, Timestamp,
+    from_cbor, to_cbor,
+};
+use tokio::sync::{Notify, mpsc, oneshot};
+
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::event_loop::Command;
+use crate::store::{Accepted, InboxEntry, Store};
+use olm::{Crypto, CryptoError};
+
+/// Largest message `send` takes: the ciphertext limit less Olm's framing and padding.
+pub const MAX_MESSAGE_BYTES: usize = MAX_CIPHERTEXT_BYTES - 1024;
+
+/// A received message, as the application gets it.
+pub type Message = InboxEntry;
+
+/// How a message was delivered.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum Delivery {
+    /// The recipient took it directly.
+    Direct,
+    /// The recipient was unreachable; these mailboxes hold it for it.
+    Deposited(Vec<PeerId>),
+}
+
+/// The outcome of [`crate::Node::send`].
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SendReport {
+    /// The sealed message's id.
+    pub id: MessageId,
+    /// Its sequence number towards this recipient.
+    pub seq: u64,
+    /// Where it went.
+    pub delivery: Delivery,
+}
+
+/// Why a received message was not taken.
+#[derive(Debug, thiserror::Error)]
+pub(crate) enum ReceiveError {
+    #[error("bad envelope: {0}")]
+    Envelope(#[from] skillmesh_protocol::EnvelopeError),
+    #[error("addressed to {0}, not this node")]
+    NotForMe(PeerId),
+    #[error(transparent)]
+    Crypto(#[from] CryptoError),
+    #[error(transparent)]
+    Store(#[from] crate::store::StoreError),
+}
+
+struct State {
+    crypto: Crypto,
+    out_seq: HashMap<PeerId, u64>,
+}
+
+/// The node's messaging: Olm state, sending, fetching, and the inbox.
+pub(crate) struct Messenger {
+    me: PeerId,
+    signing: SigningKey,
+    store: Store,
+    config: Arc<Config>,
+    /// Weak, so that the node still stops when the application drops its last handle.
+    commands: mpsc::WeakSender<Command>,
+    state: tokio::sync::Mutex<State>,
+    /// This node's mailboxes, as advertised in its card.
+    mailboxes: Mutex<Vec<PeerId>>,
+    /// Wakes the inbox when a message arrives.
+    arrived: Notify,
+    /// Wakes the fetcher (a connection to a mailbox, or a request).
+    fetch_now: Notify,
+}
+
+impl Messenger {
+    /// Loads (or creates) the Olm account and sessions.
+    pub(crate) async fn load(
+        signing: SigningKey,
+        identity_secret: &[u8],
+        store: Store,
+        config: Arc<Config>,
+        commands: mpsc::WeakSender<Command>,
+    ) -> Result<(Arc<Self>, PrekeyBundle)> {
+        let saved = store.olm_state().await?;
+        let (crypto, save) = Crypto::load(&saved, olm::pickle_key(identity_secret))
+            .map_err(|e| Error::Transport(format!("mail keys: {e}")))?;
+        if save {
+            let (a, p) = crypto.account_blobs();
+            store.save_olm_account(a, p).await?;
+        }
+        let bundle = crypto.bundle();
+        let messenger = Arc::new(Messenger {
+            me: signing.peer_id(),
+            signing,
+            store,
+            config,
+            commands,
+            state: tokio::sync::Mutex::new(State {
+                crypto,
+                out_seq: saved.out_seq.into_iter().collect(),
+            }),
+            mailboxes: Mutex::new(Vec::new()),
+            arrived: Notify::new(),
+            fetch_now: Notify::new(),
+        });
+        Ok((messenger, bundle))
+    }
+
+    fn commands(&self) -> Result<mpsc::Sender<Command>> {
+        self.commands.upgrade().ok_or(Error::ShutDown)
+    }
+
+    async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
+        let (tx, rx) = oneshot::channel();
+        self.commands()?
+            .send(make(tx))
+            .await
+            .map_err(|_| Error::ShutDown)?;
+        rx.await.map_err(|_| Error::ShutDown)
+    }
+
+    /// Sends one mailbox request and decodes the answer.
+    async fn mailbox_request(
+        &self,
+        peer: PeerId,
+        request: &MailboxRequest,
+        timeout: Duration,
+    ) -> Result<MailboxResponse> {
+        let bytes = to_cbor(request);
+        let answer = tokio::time::timeout(
+            timeout,
+            self.request(|reply| Command::Mailbox {
+                peer,
+                request: bytes,
+                reply,
+            }),
+        )
+        .await
+        .map_err(|_| Error::Timeout(timeout))???;
+        from_cbor(&answer, skillmesh_protocol::MAX_MAILBOX_RESPONSE_BYTES).map_err(|e| {
+            Error::BadResponse {
+                peer: Box::new(peer),
+                reason: e.to_string(),
+            }
+        })
+    }
+
+    /// This node's mailboxes.
+    pub(crate) fn mailboxes(&self) -> Vec<PeerId> {
+        self.mailboxes.lock().map(|m| m.clone()).unwrap_or_default()
+    }
+
+    /// Wakes the fetcher if `peer` is one of this node's mailboxes.
+    pub(crate) fn connected(&self, peer: &PeerId) {
+        if self.mailboxes().contains(peer) {
+            self.fetch_now.notify_one();
+        }
+    }
+
+    /// Encrypts and signs message `seq` for `peer`, persisting the ratchet first.
+    async fn seal(
+        &self,
+        state: &mut State,
+        peer: PeerId,
+        seq: u64,
+        bundle: Option<&PrekeyBundle>,
+        one_time: bool,
+        data: &[u8],
+    ) -> Result<(Vec<u8>, MessageId, Option<String>)> {
+        let (sealed, evicted) =
+            state
+                .crypto
+                .encrypt(peer, bundle, one_time, data)
+                .map_err(|e| Error::Undelivered {
+                    peer: Box::new(peer),
+                    reason: e.to_string(),
+                })?;
+        if !evicted.is_empty() {
+            self.store.remove_sessions(evicted).await?;
+        }
+        let session_id = sealed.used_one_time_key.then(|| sealed.session.id.clone());
+        self.store.save_outbound(peer, seq, sealed.session).await?;
+        let message = SealedMessage {
+            sender: self.me,
+            recipient: peer,
+            seq,
+            created_at: Timestamp::now(),
+            cipher: sealed.cipher,
+            ciphertext: ByteBuf::from(sealed.bytes),
+        };
+        let bytes = envelope::seal(&self.signing, &message)?;
+        let id = envelope::verify(&bytes)?.id();
+        Ok((bytes, id, session_id))
+    }
+
+    /// Sends `data` to `peer`: directly when it answers, else to its mailboxes.
+    pub(crate) async fn send(&self, peer: PeerId, data: &[u8]) -> Result<SendReport> {
+        if data.len() > MAX_MESSAGE_BYTES {
+            return Err(Error::Invalid(skillmesh_protocol::ValidationError::new(
+                "data",
+                format!("{} bytes, at most {MAX_MESSAGE_BYTES}", data.len()),
+            )));
+        }
+        if peer == self.me {
+            return Err(Error::Invalid(skillmesh_protocol::ValidationError::new(
+                "peer",
+                "is this node",
+            )));
+        }
+        let card = self.card_of(peer).await?;
+        if let Some(c) = &card {
+            self.commands()?
+                .send(Command::AddAddresses {
+                    peer,
+                    addrs: c.addrs.clone(),
+                })
+                .await
+                .map_err(|_| Error::ShutDown)?;
+        }
+        let bundle = card.as_ref().and_then(|c| c.prekeys.clone());
+        let ttl = u32::try_from(self.config.mail.ttl.as_secs()).unwrap_or(u32::MAX);
+        let direct_timeout = self.config.mail.direct_timeout;
+
+        // The state lock orders sequence numbers as the ratchet advances.
+        let mut state = self.state.lock().await;
+        if !state.crypto.has_session(&peer) && bundle.is_none() {
+            return Err(Error::NotFound(format!(
+                "no card with prekeys for {peer} in the DHT; it must have been online once"
+            )));
+        }
+        let seq = state.out_seq.get(&peer).copied().unwrap_or(0) + 1;
+        state.out_seq.insert(peer, seq);
+        let (mut bytes, mut id, mut fresh) = self
+            .seal(&mut state, peer, seq, bundle.as_ref(), true, data)
+            .await?;
+        let mut reasons = Vec::new();
+        for attempt in 0..2 {
+            let request = MailboxRequest::Deposit(Deposit {
+                message: ByteBuf::from(bytes.clone()),
+                ttl_secs: ttl,
+            });
+            match self.mailbox_request(peer, &request, direct_timeout).await {
+                Ok(MailboxResponse::Deposited { .. }) => {
+                    return Ok(SendReport {
+                        id,
+                        seq,
+                        delivery: Delivery::Direct,
+                    });
+                }
+                Ok(MailboxResponse::Error {
+                    code: MailboxErrorCode::BadMessage,
+                    message,
+                }) if attempt == 0 && fresh.is_some() => {
+                    // Most likely another sender used the same one-time key first.
+                    tracing::debug!(%peer, "direct delivery refused ({message}); retrying with the fallback key");
+                }
+                Ok(MailboxResponse::Error { code, message }) => {
+                    reasons.push(format!("{peer} (direct): {code:?}: {message}"));
+                    break;
+                }
+                Ok(_) => {
+                    reasons.push(format!("{peer} (direct): unexpected answer"));
+                    break;
+                }
+                Err(e) => {
+                    reasons.push(format!("{peer} (direct): {e}"));
+                    break;
+                }
+            }
+            if let Some(sid) = fresh.take() {
+                state.crypto.forget(&peer, &sid);
+                (bytes, id, fresh) = self
+                    .seal(&mut state, peer, seq, bundle.as_ref(), false, data)
+                    .await?;
+            }
+        }
+        // Mail waits at a relay for any time: it must not depend on a one-time key that
+        // another sender may take first.
+        if let Some(sid) = fresh.take() {
+            state.crypto.forget(&peer, &sid);
+            (bytes, id, _) = self
+                .seal(&mut state, peer, seq, bundle.as_ref(), false, data)
+                .await?;
+        }
+        drop(state);
+
+        let mailboxes: Vec<PeerId> = card
+            .map(|c| c.mailboxes)
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|m| *m != self.me)
+            .collect();
+        if mailboxes.is_empty() {
+            reasons.push("its card names no mailbox".to_owned());
+            return Err(Error::Undelivered {
+                peer: Box::new(peer),
+                reason: reasons.join("; "),
+            });
+        }
+        let request = MailboxRequest::Deposit(Deposit {
+            message: ByteBuf::from(bytes),
+            ttl_secs: ttl,
+        });
+        let timeout = self.config.calls.timeout;
+        let answers = futures::future::join_all(
+            mailboxes
+                .iter()
+                .map(|m| self.mailbox_request(*m, &request, timeout)),
+        )
+        .await;
+        let mut held = Vec::new();
+        for (m, answer) in mailboxes.iter().zip(answers) {
+            match answer {
+                Ok(MailboxResponse::Deposited { .. }) => held.push(*m),
+                Ok(MailboxResponse::Error { code, message }) => {
+                    reasons.push(format!("mailbox {m}: {code:?}: {message}"));
+                }
+                Ok(_) => reasons.push(format!("mailbox {m}: unexpected answer")),
+                Err(e) => reasons.push(format!("mailbox {m}: {e}")),
+            }
+        }
+        if held.is_empty() {
+            return Err(Error::Undelivered {
+                peer: Box::new(peer),
+                reason: reasons.join("; "),
+            });
+        }
+        Ok(SendReport {
+            id,
+            seq,
+            delivery: Delivery::Deposited(held),
+        })
+    }
+
+    /// `peer`'s newest card: from the DHT (then cached in the store), else the cached one.
+    pub(crate) async fn card_of(&self, peer: PeerId) -> Result<Option<AgentCard>> {
+        let timeout = self.config.dht.query_timeout;
+        let found = tokio::time::timeout(
+            timeout,
+            self.request(|reply| Command::GetCard { peer, reply }),
+        )
+        .await
+        .ok()
+        .transpose()?
+        .flatten();
+        if let Some((card, bytes)) = found {
+            let stored = crate::store::StoredCard {
+                seq: card.seq,
+                expires_at: card.expires_at,
+                envelope: ByteBuf::from(bytes),
+            };
+            match self.store.put_card(peer, stored, Timestamp::now()).await {
+                Ok(()) | Err(crate::store::StoreError::StaleCard { .. }) => {}
+                Err(e) => tracing::debug!("cannot cache a card: {e}"),
+            }
+            return Ok(Some(card));
+        }
+        let Some(stored) = self.store.card(peer, Timestamp::now()).await? else {
+            return Ok(None);
+        };
+        Ok(
+            envelope::open::<AgentCard>(&stored.envelope, &Checks::now())
+                .ok()
+                .map(|o| o.value)
+                .filter(|c| c.peer_id == peer),
+        )
+    }
+
+    /// Takes a sealed message addressed to this node: verifies, dedupes, decrypts and stores it.
+    pub(crate) async fn receive(
+        &self,
+        bytes: &[u8],
+    ) -> Result<(MessageId, Accepted), ReceiveError> {
+        let opened = envelope::open::<SealedMessage>(bytes, &Checks::now())?;
+        let m = opened.value;
+        if m.recipient != self.me {
+            return Err(ReceiveError::NotForMe(m.recipient));
+        }
+        let mut state = self.state.lock().await;
+        // Checked before decrypting: a message key works once, and a full inbox must leave the
+        // ratchet untouched so the message can be fetched again later.
+        match self
+            .store
+            .check_message(m.sender, m.seq, self.config.mail.max_inbox)
+            .await?
+        {
+            Accepted::Stored => {}
+            other => return Ok((opened.id, other)),
+        }
+        let (plain, evicted) = state.crypto.decrypt(m.sender, m.cipher, &m.ciphertext)?;
+        if !evicted.is_empty() {
+            self.store.remove_sessions(evicted).await?;
+        }
+        let account_changed = plain.account.is_some();
+        let entry = InboxEntry {
+            id: opened.id,
+            from: m.sender,
+            seq: m.seq,
+            sent_at: m.created_at,
+            received_at: Timestamp::now(),
+            data: ByteBuf::from(plain.plaintext),
+        };
+        let accepted = self
+            .store
+            .accept_message(
+                entry,
+                plain.session,
+                plain.account,
+                self.config.mail.max_inbox,
+            )
+            .await?;
+        if account_changed {
+            // A one-time key was used: publish the replenished bundle.
+            let bundle = state.crypto.bundle();
+            if let Ok(tx) = self.commands() {
+                let _ = tx.try_send(Command::SetCard {
+                    prekeys: Some(bundle),
+                    mailboxes: None,
+                });
+            }
+        }
+        drop(state);
+        if accepted == Accepted::Stored {
+            self.arrived.notify_waiters();
+        }
+        Ok((opened.id, accepted))
+    }
+
+    /// Chooses this node's mailboxes: the configured ones, else mailbox relays from the DHT.
+    async fn choose_mailboxes(&self) -> Vec<PeerId> {
+        let configured: Vec<PeerId> = self
+            .config
+            .mail
+            .mailboxes
+            .iter()
+            .filter_map(|a| match a.iter().last() {
+                Some(libp2p::multiaddr::Protocol::P2p(p)) => Some(p),
+                _ => None,
+            })
+            .collect();
+        let max = self.config.mail.max_mailboxes as usize;
+        if !configured.is_empty() {
+            return configured.into_iter().take(max).collect();
+        }
+        let current = self.mailboxes();
+        let mut found = self
+            .request(|reply| Command::FindProviders {
+                key: RecordKey::new(&mailbox_key()),
+                reply,
+            })
+            .await
+            .unwrap_or_default();
+        found.retain(|p| *p != self.me);
+        // Keep mailboxes that are still offered, so mail already waiting is still fetched.
+        let mut chosen: Vec<PeerId> = current.into_iter().filter(|p| found.contains(p)).collect();
+        found.sort_by_key(|p| p.to_bytes());
+        for p in found {
+            if chosen.len() >= max {
+                break;
+            }
+            if !chosen.contains(&p) {
+                chosen.push(p);
+            }
+        }
+        chosen
+    }
+
+    /// Fetches and acks everything waiting at one mailbox. Returns messages taken.
+    async fn fetch_from(&self, mailbox: PeerId) -> Result<usize> {
+        let mut taken = 0;
+        let timeout = self.config.calls.timeout;
+        loop {
+            let answer = self
+                .mailbox_request(
+                    mailbox,
+                    &MailboxRequest::Fetch(Fetch {
+                        limit: MAX_FETCH_BATCH,
+                    }),
+                    timeout,
+                )
+                .await?;
+            let (messages, more) = match answer {
+                MailboxResponse::Messages { messages, more } => (messages, more),
+                MailboxResponse::Error { code, message } => {
+                    return Err(Error::BadResponse {
+                        peer: Box::new(mailbox),
+                        reason: format!("{code:?}: {message}"),
+                    });
+                }
+                _ => {
+                    return Err(Error::BadResponse {
+                        peer: Box::new(mailbox),
+                        reason: "unexpected answer to fetch".to_owned(),
+                    });
+                }
+            };
+            let mut ack = Vec::new();
+            let mut full = false;
+            for m in &messages {
+                match self.receive(m).await {
+                    Ok((id, Accepted::Stored)) => {
+                        taken += 1;
+                        ack.push(id);
+                    }
+                    Ok((id, Accepted::Duplicate)) => ack.push(id),
+                    Ok((_, Accepted::Full)) => {
+                        full = true;
+                        break;
+                    }
+                    Err(ReceiveError::Store(e)) => return Err(e.into()),
+                    Err(e) => {
+                        // Undecryptable or forged: nothing will change that; drop it.
+                        tracing::warn!(%mailbox, "dropped a bad message: {e}");
+                        if let Ok(v) = envelope::verify(m) {
+                            ack.push(v.id());
+                        }
+                    }
+                }
+            }
+            if !ack.is_empty() {
+                for chunk in ack.chunks(skillmesh_protocol::MAX_ACK_IDS) {
+                    self.mailbox_request(
+                        mailbox,
+                        &MailboxRequest::Ack(skillmesh_protocol::Ack {
+                            ids: chunk.to_vec(),
+                        }),
+                        timeout,
+                    )
+                    .await?;
+                }
+            }
+            if full {
+                tracing::warn!(
+                    "inbox full ({}); mail stays at the mailbox",
+                    self.config.mail.max_inbox
+                );
+                return Ok(taken);
+            }
+            if !more || messages.is_empty() {
+                return Ok(taken);
+            }
+        }
+    }
+
+    /// One round: refresh the mailbox choice (republishing the card when it changed), then
+    /// fetch from each.
+    pub(crate) async fn fetch_round(&self) -> usize {
+        let chosen = self.choose_mailboxes().await;
+        let changed = {
+            let mut m = match self.mailboxes.lock() {
+                Ok(m) => m,
+                Err(p) => p.into_inner(),
+            };
+            let changed = *m != chosen;
+            *m = chosen.clone();
+            changed
+        };
+        if changed {
+            let Ok(tx) = self.commands() else { return 0 };
+            let _ = tx
+                .send(Command::SetCard {
+                    prekeys: None,
+                    mailboxes: Some(chosen.clone()),
+                })
+                .await;
+        }
+        let mut total = 0;
+        for m in chosen {
+            match self.fetch_from(m).await {
+                Ok(n) => total += n,
+                Err(e) => tracing::debug!(mailbox = %m, "fetch failed: {e}"),
+            }
+        }
+        total
+    }
+
+    /// Fetches at start, on every connection to a mailbox, and every `mail.fetch_interval`.
+    pub(crate) async fn run_fetcher(self: Arc<Self>) {
+        let mut tick = tokio::time::interval(self.config.mail.fetch_interval);
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = self.fetch_now.notified() => {}
+            }
+            if self.commands.upgrade().is_none() {
+                return;
+            }
+            self.fetch_round().await;
+        }
+    }
+
+    /// The next message for the application, waiting for one.
+    pub(crate) async fn next_message(&self) -> Result<Message> {
+        loop {
+            // Registered before looking, so an arrival in between is not missed.
+            let arrived = self.arrived.notified();
+            tokio::pin!(arrived);
+            arrived.as_mut().enable();
+            let (taken, wake) = self
+                .store
+                .take_inbox(Timestamp::now(), self.config.mail.reorder_wait)
+                .await?;
+            if let Some(m) = taken {
+                return Ok(m);
+            }
+            let wait = wake
+                .map(|w| {
+                    Duration::from_millis(
+                        w.as_millis().saturating_sub(Timestamp::now().as_millis()),
+                    )
+                })
+                .unwrap_or(Duration::from_secs(3600));
+            tokio::select! {
+                _ = arrived => {}
+                _ = tokio::time::sleep(wait) => {}
+            }
+        }
+    }
+
+    /// A message if one is ready now.
+    pub(crate) async fn try_next_message(&self) -> Result<Option<Message>> {
+        Ok(self
+            .store
+            .take_inbox(Timestamp::now(), self.config.mail.reorder_wait)
+            .await?
+            .0)
+    }
+}
+
+/// Received messages, in order per sender; each is handed out once (see [`crate::Node::inbox`]).
+pub struct Inbox {
+    next: Pin<Box<dyn Stream<Item = Result<Message>> + Send>>,
+}
+
+impl Inbox {
+    pub(crate) fn new(messenger: Arc<Messenger>) -> Self {
+        let stream = futures::stream::unfold(messenger, |m| async move {
+            let next = m.next_message().await;
+            Some((next, m))
+        });
+        Inbox {
+            next: Box::pin(stream),
+        }
+    }
+}
+
+impl std::fmt::Debug for Inbox {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Inbox").finish_non_exhaustive()
+    }
+}
+
+impl Stream for Inbox {
+    type Item = Result<Message>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        self.next.as_mut().poll_next(cx)
+    }
+}
