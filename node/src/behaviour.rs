@@ -17,8 +17,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, identify, mdns,
-    memory_connection_limits, noise, ping, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder, Transport, autonat, connection_limits, dcutr, identify,
+    mdns, memory_connection_limits, noise, ping, relay, tcp, yamux,
 };
 use sha2::{Digest, Sha256};
 use skillmesh_protocol::Kind;
@@ -27,7 +27,7 @@ use skillmesh_protocol::keys::{
 };
 use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
-use crate::config::{Config, KadMode};
+use crate::config::{Config, KadMode, Reachability};
 use crate::error::Error;
 use crate::wire::FrameCodec;
 
@@ -49,9 +49,18 @@ pub(crate) struct Behaviour {
     pub(crate) calls: request_response::Behaviour<FrameCodec>,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
+    pub(crate) relay: Toggle<relay::Behaviour>,
+    pub(crate) relay_client: relay::client::Behaviour,
+    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    pub(crate) autonat: Toggle<autonat::v2::client::Behaviour>,
+    pub(crate) autonat_server: autonat::v2::server::Behaviour,
 }
 
-fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
+fn behaviour(
+    key: &Keypair,
+    config: &Config,
+    relay_client: relay::client::Behaviour,
+) -> Result<Behaviour, Error> {
     let peer_id = key.public().to_peer_id();
     let net = &config.network;
     // The hard cap sits a quarter above the high watermark: room for new peers to arrive
@@ -156,6 +165,32 @@ fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
         None
     };
 
+    let r = &config.relay;
+    let relay = r.enabled.then(|| {
+        let defaults = relay::Config::default();
+        relay::Behaviour::new(
+            peer_id,
+            relay::Config {
+                max_reservations: r.max_reservations as usize,
+                max_reservations_per_peer: r.max_reservations_per_peer as usize,
+                reservation_duration: r.reservation_duration,
+                max_circuits: r.max_circuits as usize,
+                max_circuits_per_peer: r.max_circuits_per_peer as usize,
+                max_circuit_duration: r.max_circuit_duration,
+                max_circuit_bytes: r.max_circuit_bytes,
+                ..defaults
+            },
+        )
+    });
+    let dcutr = config
+        .nat
+        .hole_punching
+        .then(|| dcutr::Behaviour::new(peer_id));
+    // AutoNAT v2 tests each candidate address by asking a peer to dial it back; a configured
+    // reachability needs no test.
+    let autonat = (config.nat.reachability == Reachability::Auto)
+        .then(autonat::v2::client::Behaviour::default);
+
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
@@ -166,6 +201,11 @@ fn behaviour(key: &Keypair, config: &Config) -> Result<Behaviour, Error> {
         calls,
         mailbox,
         mdns: mdns.into(),
+        relay: relay.into(),
+        relay_client,
+        dcutr: dcutr.into(),
+        autonat: autonat.into(),
+        autonat_server: autonat::v2::server::Behaviour::default(),
     })
 }
 
@@ -204,7 +244,9 @@ pub(crate) fn build_swarm(
                 )
             })
             .map_err(|e| transport_err(&e))?
-            .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport_err(&e))?
+            .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
             .map_err(|e| transport_err(&e))?
             .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
             .build());
@@ -217,7 +259,9 @@ pub(crate) fn build_swarm(
             .with_quic()
             .with_dns()
             .map_err(|e| transport_err(&e))?
-            .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+            .with_relay_client(noise::Config::new, yamux::Config::default)
+            .map_err(|e| transport_err(&e))?
+            .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
             .map_err(|e| transport_err(&e))?
             .with_swarm_config(|c| {
                 c.with_idle_connection_timeout(idle)
@@ -245,7 +289,9 @@ pub(crate) fn build_swarm(
                 .map_err(|e| transport_err(&e))?
                 .with_dns()
                 .map_err(|e| transport_err(&e))?
-                .with_behaviour(|key| behaviour(key, config).map_err(Box::from))
+                .with_relay_client(noise::Config::new, yamux::Config::default)
+                .map_err(|e| transport_err(&e))?
+                .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
                 .map_err(|e| transport_err(&e))?
                 .with_swarm_config(|c| c.with_idle_connection_timeout(idle))
                 .build()

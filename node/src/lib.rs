@@ -84,7 +84,7 @@ mod wire;
 pub use behaviour::TransportKind;
 pub use discovery::{Found, Query};
 pub use error::{Error, Result};
-pub use event_loop::PublishReport;
+pub use event_loop::{ConnectionInfo, NatStatus, PublishReport, Reach};
 pub use events::{Delivered, PeerInfo, Subscription};
 pub use mail::{Delivery, Inbox, MAX_MESSAGE_BYTES, Message, SendReport};
 pub use node::{CallOptions, Node, NodeBuilder};

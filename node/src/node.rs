@@ -25,7 +25,7 @@ use crate::calls::{Inbound, final_state, peek, read_result};
 use crate::config::{Config, default_data_dir};
 use crate::discovery::{Found, Query};
 use crate::error::{Error, Result};
-use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, PublishReport};
+use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, NatStatus, PublishReport};
 use crate::events::{PeerInfo, Subscription};
 use crate::identity::Identity;
 use crate::mail::service::MailService;
@@ -690,6 +690,11 @@ impl Node {
     /// `peer`'s agent card, from the DHT (or the store's cache when the DHT has none).
     pub async fn card(&self, peer: PeerId) -> Result<Option<skillmesh_protocol::AgentCard>> {
         self.inner.messenger.card_of(peer).await
+    }
+
+    /// Reachability, relay reservations, and whether each connection is direct or relayed.
+    pub async fn nat_status(&self) -> Result<NatStatus> {
+        self.request(|reply| Command::NatStatus { reply }).await
     }
 
     /// The mailboxes this node advertises.

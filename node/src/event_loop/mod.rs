@@ -31,8 +31,11 @@ use crate::discovery::{CardExtras, build_card, provider_keys, verify_card_record
 use crate::error::{Error, Result};
 use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
 use crate::mail::service::MailService;
+
+mod nat;
 use crate::metrics::NodeMetrics;
 use crate::skills::{self, Registry};
+pub use nat::{ConnectionInfo, NatStatus, Reach};
 
 /// An answer to an inbound request, ready to send.
 struct Response {
@@ -109,6 +112,9 @@ pub(crate) enum Command {
     WaitConnected {
         reply: oneshot::Sender<()>,
     },
+    NatStatus {
+        reply: oneshot::Sender<NatStatus>,
+    },
     Shutdown {
         reply: oneshot::Sender<()>,
     },
@@ -154,6 +160,7 @@ enum Pending {
         oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
     ),
     PeerLookup(PeerId, Vec<PendingCall>),
+    Relays(HashSet<PeerId>),
     Publish(u64, bool),
 }
 
@@ -187,6 +194,7 @@ pub(crate) struct EventLoop {
     prekeys: Option<PrekeyBundle>,
     mailboxes: Vec<PeerId>,
     republish_due: Option<Instant>,
+    nat: nat::Nat,
     queries: HashMap<QueryId, Pending>,
     groups: HashMap<u64, PublishGroup>,
     next_group: u64,
@@ -226,6 +234,7 @@ impl EventLoop {
             prekeys: Some(prekeys),
             mailboxes: Vec::new(),
             republish_due: None,
+            nat: nat::Nat::new(config.nat.reachability),
             inbound,
             inflight: JoinSet::new(),
             metrics,
@@ -431,6 +440,9 @@ impl EventLoop {
                     self.connected_waiters.push(reply);
                 }
             }
+            Command::NatStatus { reply } => {
+                let _ = reply.send(self.nat_status());
+            }
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
     }
@@ -592,6 +604,7 @@ impl EventLoop {
             self.republish_due = None;
             self.republish(None);
         }
+        self.nat_check();
         if self.last_trim.elapsed() >= TRIM_INTERVAL {
             self.last_trim = Instant::now();
             self.trim_connections();
@@ -685,14 +698,33 @@ impl EventLoop {
             _ => {}
         }
         match event {
-            SwarmEvent::NewListenAddr { address, .. } => {
+            SwarmEvent::NewListenAddr {
+                address,
+                listener_id,
+            } => {
+                self.nat_new_listen_addr(listener_id, &address);
                 tracing::info!(%address, "listening");
                 self.listen_addrs.push(address);
                 for w in self.listen_waiters.drain(..) {
                     let _ = w.send(self.listen_addrs.clone());
                 }
             }
-            SwarmEvent::ConnectionEstablished { peer_id, .. } => {
+            SwarmEvent::ListenerClosed { listener_id, .. } => {
+                self.nat_listener_closed(listener_id);
+            }
+            SwarmEvent::ExpiredListenAddr { address, .. } => {
+                self.listen_addrs.retain(|a| *a != address);
+            }
+            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+                self.nat_connection_closed(connection_id);
+            }
+            SwarmEvent::ConnectionEstablished {
+                peer_id,
+                connection_id,
+                endpoint,
+                ..
+            } => {
+                self.nat_connection(connection_id, peer_id, &endpoint);
                 self.mail.messenger().connected(&peer_id);
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
@@ -723,6 +755,9 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
             SwarmEvent::Behaviour(BehaviourEvent::Calls(e)) => self.on_requests(Proto::Call, e),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => {
                 self.on_requests(Proto::Mailbox, e)
@@ -891,6 +926,16 @@ impl EventLoop {
                     let _ = reply.send(best.map(|b| *b));
                 } else {
                     self.queries.insert(id, Pending::Card(peer, best, reply));
+                }
+            }
+            (Pending::Relays(mut found), QueryResult::GetProviders(r)) => {
+                if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r {
+                    found.extend(providers);
+                }
+                if last {
+                    self.nat_found_relays(found);
+                } else {
+                    self.queries.insert(id, Pending::Relays(found));
                 }
             }
             (Pending::PeerLookup(peer, calls), QueryResult::GetClosestPeers(r)) => {

@@ -1,0 +1,95 @@
+//! Relays on loopback: a node that cannot be dialed (it listens nowhere) reserves a slot on a
+//! relay, is found through the DHT at its circuit address, and serves calls and mail through
+//! the relay.
+
+mod common;
+
+use std::time::Duration;
+
+use common::{NodeTestExt, config, eventually, start};
+use futures::StreamExt;
+use serde_json::json;
+use skillmesh::config::Reachability;
+use skillmesh::{Delivery, Reach};
+
+async fn echo(
+    _ctx: skillmesh::CallContext,
+    args: serde_json::Value,
+) -> Result<serde_json::Value, skillmesh::HandlerError> {
+    Ok(args)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_undialable_node_is_reached_through_its_relay() {
+    let mut rc = config(&[]);
+    rc.relay.enabled = true;
+    let relay = start(rc).await;
+    let relay_addrs = relay.listen_addrs().await.expect("addrs");
+
+    // Listens nowhere: only the relay's circuit can bring connections in.
+    let mut hc = config(&relay_addrs);
+    hc.network.listen = Vec::new();
+    hc.nat.reachability = Reachability::Private;
+    hc.nat.relays = relay_addrs.clone();
+    hc.mail.mailboxes = relay_addrs.clone();
+    let hidden = start(hc).await;
+    hidden
+        .register_skill(
+            skillmesh_protocol::SkillSpec::builder("echo", "1.0.0")
+                .build()
+                .expect("spec"),
+            echo,
+        )
+        .await
+        .expect("register");
+    let status = eventually(Duration::from_secs(10), || async {
+        let s = hidden.nat_status().await.map_err(|e| e.to_string())?;
+        if s.reservations
+            .iter()
+            .any(|(r, a)| *r == relay.peer_id() && !a.is_empty())
+        {
+            Ok(s)
+        } else {
+            Err(format!("no reservation yet: {s:?}"))
+        }
+    })
+    .await;
+    assert_eq!(status.reachability, Reach::Private);
+
+    let caller = start(config(&relay_addrs)).await;
+    let found = caller.find_served_by("echo", hidden.peer_id()).await;
+    assert!(
+        found
+            .card
+            .addrs
+            .iter()
+            .any(|a| a.to_string().contains("p2p-circuit")),
+        "card without a circuit address: {:?}",
+        found.card.addrs
+    );
+    let out = caller
+        .call(hidden.peer_id(), "echo", json!({"via": "relay"}))
+        .await
+        .expect("call through the relay");
+    assert_eq!(out, json!({"via": "relay"}));
+    let s = caller.nat_status().await.expect("status");
+    assert!(
+        s.connections
+            .iter()
+            .any(|c| c.peer == hidden.peer_id() && c.relayed),
+        "{s:?}"
+    );
+
+    // Mail through the relay circuit too, directly to the recipient.
+    let report = caller
+        .send(hidden.peer_id(), b"through the circuit")
+        .await
+        .expect("sent");
+    assert_eq!(report.delivery, Delivery::Direct);
+    let m = tokio::time::timeout(Duration::from_secs(10), hidden.inbox().next())
+        .await
+        .expect("in time")
+        .expect("open")
+        .expect("message");
+    assert_eq!(m.data.as_ref(), b"through the circuit");
+}
