@@ -344,3 +344,29 @@ fn a_skill_backed_by_a_local_http_endpoint_is_served() {
     assert!(one_line(&o).contains("db down"));
     drop(rt);
 }
+
+#[test]
+fn mail_between_daemons_with_send_and_inbox() {
+    let relay = Daemon::start(BASE, &["--relay"]);
+    let mailbox = format!("{}\n[mail]\nmailboxes = [\"{}\"]\n", BASE, relay.addr());
+    let a = Daemon::start(&mailbox, &["--bootstrap", &relay.addr()]);
+    let b = Daemon::start(&mailbox, &["--bootstrap", &relay.addr()]);
+    let b_id = b.info["peer_id"].as_str().expect("id").to_owned();
+
+    let s = json_out(&relay.cli(&["--json", "status"]));
+    assert_eq!(s["nat"]["relay_server"], true);
+    // Direct while b runs.
+    let sent = json_out(&retry(|| a.cli(&["--json", "send", &b_id, "hello b"])));
+    assert_eq!(sent["delivery"], "direct");
+    let got = json_out(&b.cli(&["--json", "inbox", "--wait", "5"]));
+    assert_eq!(got["text"], "hello b");
+    assert_eq!(got["from"], a.info["peer_id"]);
+    // Taken once: a second look finds nothing.
+    let o = b.cli(&["inbox"]);
+    assert_eq!(String::from_utf8_lossy(&o.stdout).trim(), "no messages");
+
+    // Bad input is a usage error and sends nothing.
+    let o = a.cli(&["send", "not-a-peer-id", "x"]);
+    assert_eq!(o.status.code(), Some(EXIT_USAGE));
+    one_line(&o);
+}

@@ -41,6 +41,7 @@ use tokio::net::TcpListener;
 use crate::backing::SkillDecl;
 use crate::discovery::Found;
 use crate::error::Error;
+use crate::mail::Delivery;
 use crate::node::{CallOptions, Node};
 
 /// File in the data dir holding the API's address while a node runs.
@@ -89,6 +90,9 @@ impl From<Error> for ApiError {
             Error::Publish(_) => ApiError::new(StatusCode::CONFLICT, "not_published", message),
             Error::Overloaded(_) | Error::ShutDown => {
                 ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "unavailable", message)
+            }
+            Error::Undelivered { .. } => {
+                ApiError::new(StatusCode::BAD_GATEWAY, "undelivered", message)
             }
             Error::BadResponse { .. } => {
                 ApiError::new(StatusCode::BAD_GATEWAY, "bad_response", message)
@@ -167,6 +171,8 @@ impl ControlApi {
             .route("/v1/call", post(call))
             .route("/v1/events", post(publish).get(subscribe))
             .route("/v1/calls", get(calls))
+            .route("/v1/send", post(send))
+            .route("/v1/inbox", get(inbox))
             .route("/metrics", get(metrics))
             .layer(axum::middleware::from_fn_with_state(
                 state.clone(),
@@ -265,7 +271,101 @@ async fn status(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {
         "known_peers": peers.len(),
         "skills": s.node.skills(),
         "call_log_dropped": s.node.call_log_dropped(),
+        "nat": s.node.nat_status().await?,
+        "mailboxes": s.node.mailboxes().iter().map(ToString::to_string).collect::<Vec<_>>(),
+        "inbox": s.node.store().inbox_len().await.map_err(Error::from)?,
     })))
+}
+
+#[derive(Deserialize)]
+struct SendBody {
+    peer: String,
+    text: Option<String>,
+    hex: Option<String>,
+}
+
+async fn send(
+    State(s): State<AppState>,
+    Json(body): Json<SendBody>,
+) -> Result<Json<Value>, ApiError> {
+    let peer: PeerId = body
+        .peer
+        .parse()
+        .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("peer: {e}")))?;
+    let data = match (body.text, body.hex) {
+        (Some(t), None) => t.into_bytes(),
+        (None, Some(h)) => hex::decode(h.trim())
+            .map_err(|e| ApiError::new(StatusCode::BAD_REQUEST, "invalid", format!("hex: {e}")))?,
+        _ => {
+            return Err(ApiError::new(
+                StatusCode::BAD_REQUEST,
+                "invalid",
+                "give exactly one of text and hex".to_owned(),
+            ));
+        }
+    };
+    let r = s.node.send(peer, &data).await?;
+    let delivery = match r.delivery {
+        Delivery::Direct => json!("direct"),
+        Delivery::Deposited(m) => {
+            json!({"deposited": m.iter().map(ToString::to_string).collect::<Vec<_>>()})
+        }
+    };
+    Ok(Json(
+        json!({"id": r.id.to_string(), "seq": r.seq, "delivery": delivery}),
+    ))
+}
+
+#[derive(Deserialize)]
+struct InboxQuery {
+    /// Seconds to wait for a first message.
+    #[serde(default)]
+    wait: u64,
+    #[serde(default = "default_inbox_limit")]
+    limit: usize,
+}
+
+fn default_inbox_limit() -> usize {
+    100
+}
+
+/// Takes up to `limit` ready messages, waiting up to `wait` seconds for the first.
+async fn inbox(
+    State(s): State<AppState>,
+    UrlQuery(q): UrlQuery<InboxQuery>,
+) -> Result<Json<Value>, ApiError> {
+    let limit = q.limit.clamp(1, 1000);
+    let wait = Duration::from_secs(q.wait.min(300));
+    let deadline = tokio::time::Instant::now() + wait;
+    let mut out = Vec::new();
+    // Polls rather than waiting on the inbox stream: a take is never cut off half-way.
+    while out.len() < limit {
+        match s.node.try_next_message().await? {
+            Some(m) => out.push(m),
+            None if out.is_empty() && tokio::time::Instant::now() < deadline => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            None => break,
+        }
+    }
+    let list: Vec<Value> = out
+        .into_iter()
+        .map(|m| {
+            let mut v = json!({
+                "id": m.id.to_string(),
+                "from": m.from.to_string(),
+                "seq": m.seq,
+                "sent_at": m.sent_at.as_millis(),
+                "received_at": m.received_at.as_millis(),
+            });
+            match std::str::from_utf8(&m.data) {
+                Ok(t) => v["text"] = json!(t),
+                Err(_) => v["hex"] = json!(hex::encode(&m.data)),
+            }
+            v
+        })
+        .collect();
+    Ok(Json(Value::Array(list)))
 }
 
 async fn peers(State(s): State<AppState>) -> Result<Json<Value>, ApiError> {

@@ -5,9 +5,11 @@ mod client;
 mod config;
 mod events;
 mod find;
+mod inbox;
 mod init;
 mod keys;
 mod run;
+mod send;
 mod skills;
 mod status;
 
@@ -70,6 +72,10 @@ enum Command {
     Find(find::Args),
     /// Call a skill.
     Call(call::Args),
+    /// Send an end-to-end encrypted message (held by mailboxes while the peer is offline).
+    Send(send::Args),
+    /// Print received messages, in order per sender.
+    Inbox(inbox::Args),
     /// Publish or follow gossip events.
     #[command(subcommand)]
     Events(events::Command),
@@ -159,6 +165,8 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Find(args) => find::run(&ctx, args).await,
         Command::Call(args) => call::run(&ctx, args).await,
         Command::Events(cmd) => events::run(&ctx, cmd).await,
+        Command::Send(args) => send::run(&ctx, args).await,
+        Command::Inbox(args) => inbox::run(&ctx, args).await,
         Command::Keys(cmd) => keys::run(&ctx, cmd).await,
         Command::Config(cmd) => config::run(&ctx, cmd).await,
     }

@@ -19,6 +19,9 @@ pub(crate) struct Args {
     /// Address of the local control API (loopback; replaces api.listen).
     #[arg(long, value_name = "ADDR")]
     api: Option<SocketAddr>,
+    /// Serve as a relay (and mailbox) for nodes behind NAT (sets relay.enabled).
+    #[arg(long)]
+    relay: bool,
 }
 
 pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
@@ -27,6 +30,9 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         config.network.listen = args.listen;
     }
     config.network.bootstrap.extend(args.bootstrap);
+    if args.relay {
+        config.relay.enabled = true;
+    }
     if let Some(api) = args.api {
         config.api.listen = api;
     }

@@ -24,6 +24,37 @@ pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
     for a in s["listen_addrs"].as_array().into_iter().flatten() {
         println!("listening: {}", a.as_str().unwrap_or("?"));
     }
+    let nat = &s["nat"];
+    println!(
+        "reach:     {}{}",
+        nat["reachability"].as_str().unwrap_or("?"),
+        if nat["relay_server"].as_bool() == Some(true) {
+            " (serving as a relay)"
+        } else {
+            ""
+        }
+    );
+    for r in nat["reservations"].as_array().into_iter().flatten() {
+        println!("reserved:  relay {}", r[0].as_str().unwrap_or("?"));
+        for a in r[1].as_array().into_iter().flatten() {
+            println!("           {}", a.as_str().unwrap_or("?"));
+        }
+    }
+    for c in nat["connections"].as_array().into_iter().flatten() {
+        println!(
+            "conn:      {} {}",
+            c["peer"].as_str().unwrap_or("?"),
+            if c["relayed"].as_bool() == Some(true) {
+                "relayed"
+            } else {
+                "direct"
+            }
+        );
+    }
+    for m in s["mailboxes"].as_array().into_iter().flatten() {
+        println!("mailbox:   {}", m.as_str().unwrap_or("?"));
+    }
+    println!("inbox:     {} waiting", s["inbox"]);
     for sk in s["skills"].as_array().into_iter().flatten() {
         println!(
             "serving:   {} {}",

@@ -19,7 +19,7 @@ use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
 use std::time::Duration;
 
-use futures::Stream;
+use futures::{Future, Stream};
 use libp2p::PeerId;
 use libp2p::kad::RecordKey;
 use serde_bytes::ByteBuf;
@@ -656,18 +656,19 @@ impl Messenger {
 }
 
 /// Received messages, in order per sender; each is handed out once (see [`crate::Node::inbox`]).
+///
+/// Taking a message runs in its own task, so a `next()` cut short (a timeout around it) loses
+/// nothing: the next poll gets the message that task took.
 pub struct Inbox {
-    next: Pin<Box<dyn Stream<Item = Result<Message>> + Send>>,
+    messenger: Arc<Messenger>,
+    taking: Option<tokio::task::JoinHandle<Result<Message>>>,
 }
 
 impl Inbox {
     pub(crate) fn new(messenger: Arc<Messenger>) -> Self {
-        let stream = futures::stream::unfold(messenger, |m| async move {
-            let next = m.next_message().await;
-            Some((next, m))
-        });
         Inbox {
-            next: Box::pin(stream),
+            messenger,
+            taking: None,
         }
     }
 }
@@ -678,10 +679,29 @@ impl std::fmt::Debug for Inbox {
     }
 }
 
+impl Drop for Inbox {
+    fn drop(&mut self) {
+        if let Some(t) = self.taking.take() {
+            t.abort();
+        }
+    }
+}
+
 impl Stream for Inbox {
     type Item = Result<Message>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
-        self.next.as_mut().poll_next(cx)
+        let this = &mut *self;
+        let task = this.taking.get_or_insert_with(|| {
+            let m = this.messenger.clone();
+            tokio::spawn(async move { m.next_message().await })
+        });
+        match Pin::new(task).poll(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(r) => {
+                this.taking = None;
+                Poll::Ready(Some(r.unwrap_or(Err(Error::ShutDown))))
+            }
+        }
     }
 }
