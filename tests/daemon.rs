@@ -1,122 +1,19 @@
 //! Two real `skillmesh run` daemons on loopback, driven through the CLI as a user would.
 
-use std::io::{BufRead, BufReader};
-use std::path::Path;
-use std::process::{Child, Command, Output, Stdio};
+use std::process::{Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_skillmesh");
+mod common;
+
+use common::daemon::{BIN, Daemon, cli, json_out, one_line};
 
 /// Exit codes documented in the README.
 const EXIT_USAGE: i32 = 2;
 const EXIT_NO_DAEMON: i32 = 3;
 const EXIT_NOT_FOUND: i32 = 4;
 const EXIT_FAILED_CALL: i32 = 5;
-
-struct Daemon {
-    child: Child,
-    info: Value,
-    dir: tempfile::TempDir,
-}
-
-impl Daemon {
-    fn start(config: &str, extra: &[&str]) -> Daemon {
-        let dir = tempfile::tempdir().expect("tempdir");
-        std::fs::write(dir.path().join("config.toml"), config).expect("config");
-        let mut child = Command::new(BIN)
-            .arg("--data-dir")
-            .arg(dir.path())
-            .args(["--json", "-q", "run"])
-            .args(extra)
-            .env_remove("RUST_LOG")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawn daemon");
-        // `run --json` prints one JSON document once the node listens and the API is up.
-        let mut text = String::new();
-        let mut out = BufReader::new(child.stdout.take().expect("stdout"));
-        loop {
-            let mut line = String::new();
-            if out.read_line(&mut line).expect("read") == 0 {
-                panic!("daemon exited before it was ready: {text}");
-            }
-            text.push_str(&line);
-            if line.trim_end() == "}" {
-                break;
-            }
-        }
-        let info: Value = serde_json::from_str(&text).expect("json");
-        Daemon { child, info, dir }
-    }
-
-    fn addr(&self) -> String {
-        self.info["listen_addrs"][0]
-            .as_str()
-            .expect("addr")
-            .to_owned()
-    }
-
-    fn cli(&self, args: &[&str]) -> Output {
-        cli(self.dir.path(), args)
-    }
-
-    /// SIGTERM, then wait: a clean exit removes the API files.
-    fn stop(mut self) {
-        let pid = self.child.id().to_string();
-        Command::new("kill")
-            .args(["-TERM", &pid])
-            .status()
-            .expect("kill");
-        let status = self.child.wait().expect("wait");
-        assert!(status.success(), "daemon exit: {status}");
-        assert!(
-            !self.dir.path().join("api.addr").exists(),
-            "api.addr left behind"
-        );
-    }
-}
-
-impl Drop for Daemon {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
-}
-
-fn cli(data_dir: &Path, args: &[&str]) -> Output {
-    Command::new(BIN)
-        .arg("--data-dir")
-        .arg(data_dir)
-        .args(args)
-        .env_remove("RUST_LOG")
-        .stdin(Stdio::null())
-        .output()
-        .expect("run cli")
-}
-
-fn json_out(o: &Output) -> Value {
-    assert!(
-        o.status.success(),
-        "exit {:?}: {}",
-        o.status.code(),
-        String::from_utf8_lossy(&o.stderr)
-    );
-    serde_json::from_slice(&o.stdout).expect("json output")
-}
-
-/// Exactly one line on stderr, no panic or backtrace.
-fn one_line(o: &Output) -> String {
-    let err = String::from_utf8_lossy(&o.stderr).into_owned();
-    assert_eq!(err.trim_end().lines().count(), 1, "stderr: {err}");
-    assert!(
-        !err.contains("panicked") && !err.contains("backtrace"),
-        "{err}"
-    );
-    err
-}
 
 const BASE: &str =
     "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n[dht]\nmode = \"server\"\n";

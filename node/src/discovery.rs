@@ -92,8 +92,29 @@ pub(crate) fn build_card(
     ttl: Duration,
 ) -> Result<(AgentCard, Vec<u8>), skillmesh_protocol::EnvelopeError> {
     let now = Timestamp::now();
-    let mut addrs: Vec<Multiaddr> = addrs.iter().filter(|a| dialable(a)).cloned().collect();
-    addrs.dedup();
+    // Most useful first, since only MAX_CARD_ADDRS fit: relay circuits (the only way into a
+    // node behind NAT), then routable addresses, then loopback (of use on one host only).
+    let rank = |a: &Multiaddr| {
+        use libp2p::multiaddr::Protocol;
+        if a.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
+            0
+        } else if a.iter().any(|p| match p {
+            Protocol::Ip4(ip) => ip.is_loopback(),
+            Protocol::Ip6(ip) => ip.is_loopback(),
+            _ => false,
+        }) {
+            2
+        } else {
+            1
+        }
+    };
+    let mut seen = HashSet::new();
+    let mut addrs: Vec<Multiaddr> = addrs
+        .iter()
+        .filter(|a| dialable(a) && seen.insert((*a).clone()))
+        .cloned()
+        .collect();
+    addrs.sort_by_key(rank);
     addrs.truncate(MAX_CARD_ADDRS);
     let card = AgentCard {
         peer_id: signing.peer_id(),

@@ -338,7 +338,10 @@ impl Node {
         let addrs = self.request(|reply| Command::ListenAddrs { reply }).await?;
         Ok(addrs
             .into_iter()
-            .map(|a| a.with(Protocol::P2p(self.inner.peer_id)))
+            .map(|a| match a.iter().last() {
+                Some(Protocol::P2p(_)) => a,
+                _ => a.with(Protocol::P2p(self.inner.peer_id)),
+            })
             .collect())
     }
 

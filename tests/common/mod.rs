@@ -1,6 +1,8 @@
 //! Helpers for multi-node tests: real nodes on loopback, mDNS off, port 0.
 #![allow(dead_code, unreachable_pub)]
 
+pub mod daemon;
+
 use std::future::Future;
 use std::time::Duration;
 

@@ -160,6 +160,8 @@ enum Pending {
         oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
     ),
     PeerLookup(PeerId, Vec<PendingCall>),
+    /// Addresses from the peer's card, then calls to retry with them.
+    PeerCard(PeerId, Vec<Multiaddr>, Vec<PendingCall>),
     Relays(HashSet<PeerId>),
     Publish(u64, bool),
 }
@@ -709,7 +711,12 @@ impl EventLoop {
                     let _ = w.send(self.listen_addrs.clone());
                 }
             }
-            SwarmEvent::ListenerClosed { listener_id, .. } => {
+            SwarmEvent::ListenerClosed {
+                listener_id,
+                reason,
+                ..
+            } => {
+                tracing::debug!(?listener_id, ?reason, "listener closed");
                 self.nat_listener_closed(listener_id);
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
@@ -810,10 +817,16 @@ impl EventLoop {
                 match error {
                     // We may only know stale addresses: ask the DHT where the peer is now.
                     OutboundFailure::DialFailure if !call.looked_up => {
+                        // The card first: it lists relay circuit addresses, which the routing
+                        // table never has for a node behind NAT (it runs kad as a client).
                         let peer = call.peer;
-                        let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                        let id = self
+                            .swarm
+                            .behaviour_mut()
+                            .kad
+                            .get_record(RecordKey::new(&card_key(&peer)));
                         self.queries
-                            .insert(id, Pending::PeerLookup(peer, vec![call]));
+                            .insert(id, Pending::PeerCard(peer, Vec::new(), vec![call]));
                     }
                     OutboundFailure::Timeout => {
                         let _ = call
@@ -936,6 +949,31 @@ impl EventLoop {
                     self.nat_found_relays(found);
                 } else {
                     self.queries.insert(id, Pending::Relays(found));
+                }
+            }
+            (Pending::PeerCard(peer, mut addrs, calls), QueryResult::GetRecord(r)) => {
+                if let Ok(GetRecordOk::FoundRecord(found)) = r
+                    && let Ok(card) = verify_card_record(&found.record)
+                    && card.peer_id == peer
+                {
+                    addrs.extend(card.addrs);
+                }
+                if !last {
+                    self.queries
+                        .insert(id, Pending::PeerCard(peer, addrs, calls));
+                    return;
+                }
+                if addrs.is_empty() {
+                    let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
+                    self.queries.insert(id, Pending::PeerLookup(peer, calls));
+                    return;
+                }
+                for a in addrs {
+                    self.swarm.add_peer_address(peer, a);
+                }
+                for mut call in calls {
+                    call.looked_up = true;
+                    self.send_call(call);
                 }
             }
             (Pending::PeerLookup(peer, calls), QueryResult::GetClosestPeers(r)) => {

@@ -25,8 +25,10 @@ use crate::config::{KadMode, Reachability};
 const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long to wait between DHT searches for relays.
 const SEARCH_INTERVAL: Duration = Duration::from_secs(30);
-/// Failed AutoNAT tests, without one success, before a node counts itself private.
-const PRIVATE_AFTER: u32 = 3;
+/// Failed AutoNAT tests, without one success, before a node counts itself private. AutoNAT v2
+/// tests each (address, server) pair once, so with a single server in reach one failure is
+/// all the evidence there will be; a later success makes the node public again.
+const PRIVATE_AFTER: u32 = 1;
 /// Relays remembered from DHT searches.
 const MAX_CANDIDATES: usize = 32;
 
