@@ -115,6 +115,10 @@ pub(crate) fn build_card(
         .cloned()
         .collect();
     addrs.sort_by_key(rank);
+    // Loopback addresses only help on one host; elsewhere a peer would dial itself.
+    if addrs.iter().any(|a| rank(a) < 2) {
+        addrs.retain(|a| rank(a) < 2);
+    }
     addrs.truncate(MAX_CARD_ADDRS);
     let card = AgentCard {
         peer_id: signing.peer_id(),
