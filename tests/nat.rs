@@ -93,3 +93,28 @@ async fn an_undialable_node_is_reached_through_its_relay() {
         .expect("message");
     assert_eq!(m.data.as_ref(), b"through the circuit");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn relays_and_mailboxes_are_found_in_the_dht_when_none_is_configured() {
+    let mut rc = config(&[]);
+    rc.relay.enabled = true;
+    let relay = start(rc).await;
+    let relay_addrs = relay.listen_addrs().await.expect("addrs");
+
+    // Nothing configured but a bootstrap peer: relay and mailbox come from the DHT.
+    let mut hc = config(&relay_addrs);
+    hc.network.listen = Vec::new();
+    hc.nat.reachability = Reachability::Private;
+    let hidden = start(hc).await;
+    eventually(Duration::from_secs(15), || async {
+        let s = hidden.nat_status().await.map_err(|e| e.to_string())?;
+        if s.reservations.iter().any(|(r, _)| *r == relay.peer_id()) {
+            Ok(())
+        } else {
+            Err(format!("no reservation yet: {s:?}"))
+        }
+    })
+    .await;
+    hidden.fetch_mail().await;
+    assert_eq!(hidden.mailboxes(), vec![relay.peer_id()]);
+}

@@ -53,6 +53,8 @@ pub struct ConnectionInfo {
     pub addr: Multiaddr,
     /// Whether it runs through a relay circuit.
     pub relayed: bool,
+    /// Whether this node dialed it (then `addr` is one the peer listens on).
+    pub outbound: bool,
 }
 
 /// A snapshot of reachability, reservations and connections.
@@ -153,12 +155,14 @@ impl EventLoop {
     ) {
         let addr = endpoint.get_remote_address().clone();
         let relayed = endpoint.is_relayed();
+        let outbound = endpoint.is_dialer();
         self.nat.connections.insert(
             id,
             ConnectionInfo {
                 peer,
                 addr,
                 relayed,
+                outbound,
             },
         );
     }
@@ -305,8 +309,33 @@ impl EventLoop {
                 choices.push((p, a.clone()));
             }
         }
-        for p in &self.nat.candidates {
-            choices.push((*p, Multiaddr::empty().with(Protocol::P2p(*p))));
+        // A relay found in the DHT is reserved on through an address it was dialed at; until
+        // there is one, dial it (kad knows where it is).
+        for p in self.nat.candidates.clone() {
+            let dialed = self
+                .nat
+                .connections
+                .values()
+                .find(|c| c.peer == p && c.outbound && !c.relayed)
+                .map(|c| c.addr.clone());
+            match dialed {
+                Some(a) => {
+                    let a = match a.iter().last() {
+                        Some(Protocol::P2p(_)) => a,
+                        _ => a.with(Protocol::P2p(p)),
+                    };
+                    choices.push((p, a));
+                }
+                None if !held.contains(&p) => {
+                    // Even when it dialed us: a reservation needs an address it listens on.
+                    let _ = self.swarm.dial(
+                        libp2p::swarm::dial_opts::DialOpts::peer_id(p)
+                            .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
+                            .build(),
+                    );
+                }
+                None => {}
+            }
         }
         for (relay, addr) in choices {
             if held.len() >= want {
