@@ -280,3 +280,41 @@ async fn mail_goes_to_both_mailboxes_and_arrives_once() {
         .await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn two_agents_sending_to_each_other_at_once_both_deliver_directly() {
+    let relay = start(relay_config(|_| {})).await;
+    let relay_addrs = relay.listen_addrs().await.expect("addrs");
+    let a = start(agent_config(&relay_addrs)).await;
+    let b = start(agent_config(&relay_addrs)).await;
+    for n in [&a, &b] {
+        n.fetch_mail().await;
+    }
+    card_visible(&a, &b).await;
+    card_visible(&b, &a).await;
+    let burst = |from: &Node, to: libp2p::PeerId| {
+        let from = from.clone();
+        async move {
+            let mut out = Vec::new();
+            for i in 0..5 {
+                out.push(
+                    from.send(to, format!("{i}").as_bytes())
+                        .await
+                        .expect("sent"),
+                );
+            }
+            out
+        }
+    };
+    let (ra, rb) = tokio::join!(burst(&a, b.peer_id()), burst(&b, a.peer_id()));
+    for r in ra.iter().chain(rb.iter()) {
+        assert_eq!(r.delivery, Delivery::Direct, "{r:?}");
+    }
+    for (node, from) in [(&a, b.peer_id()), (&b, a.peer_id())] {
+        let mut inbox = node.inbox();
+        for i in 0..5 {
+            let m = next(&mut inbox).await;
+            assert_eq!((m.from, m.data.as_ref()), (from, format!("{i}").as_bytes()));
+        }
+    }
+}

@@ -249,18 +249,23 @@ impl Messenger {
         let ttl = u32::try_from(self.config.mail.ttl.as_secs()).unwrap_or(u32::MAX);
         let direct_timeout = self.config.mail.direct_timeout;
 
-        // The state lock orders sequence numbers as the ratchet advances.
-        let mut state = self.state.lock().await;
-        if !state.crypto.has_session(&peer) && bundle.is_none() {
-            return Err(Error::NotFound(format!(
-                "no card with prekeys for {peer} in the DHT; it must have been online once"
-            )));
-        }
-        let seq = state.out_seq.get(&peer).copied().unwrap_or(0) + 1;
-        state.out_seq.insert(peer, seq);
-        let (mut bytes, mut id, mut fresh) = self
-            .seal(&mut state, peer, seq, bundle.as_ref(), true, data)
-            .await?;
+        // The state lock orders sequence numbers as the ratchet advances. It is never held
+        // across the network: two agents sending to each other at once would each wait for
+        // the other's lock in `receive` until the direct attempt timed out.
+        let (seq, mut bytes, mut id, mut fresh) = {
+            let mut state = self.state.lock().await;
+            if !state.crypto.has_session(&peer) && bundle.is_none() {
+                return Err(Error::NotFound(format!(
+                    "no card with prekeys for {peer} in the DHT; it must have been online once"
+                )));
+            }
+            let seq = state.out_seq.get(&peer).copied().unwrap_or(0) + 1;
+            state.out_seq.insert(peer, seq);
+            let (bytes, id, fresh) = self
+                .seal(&mut state, peer, seq, bundle.as_ref(), true, data)
+                .await?;
+            (seq, bytes, id, fresh)
+        };
         let mut reasons = Vec::new();
         for attempt in 0..2 {
             let request = MailboxRequest::Deposit(Deposit {
@@ -296,6 +301,7 @@ impl Messenger {
                 }
             }
             if let Some(sid) = fresh.take() {
+                let mut state = self.state.lock().await;
                 state.crypto.forget(&peer, &sid);
                 (bytes, id, fresh) = self
                     .seal(&mut state, peer, seq, bundle.as_ref(), false, data)
@@ -305,12 +311,12 @@ impl Messenger {
         // Mail waits at a relay for any time: it must not depend on a one-time key that
         // another sender may take first.
         if let Some(sid) = fresh.take() {
+            let mut state = self.state.lock().await;
             state.crypto.forget(&peer, &sid);
             (bytes, id, _) = self
                 .seal(&mut state, peer, seq, bundle.as_ref(), false, data)
                 .await?;
         }
-        drop(state);
 
         let mailboxes: Vec<PeerId> = card
             .map(|c| c.mailboxes)
