@@ -5,19 +5,27 @@ mod common;
 
 use std::time::Duration;
 
-use common::{config, start, start_in};
+use common::{config, relay_config, start, start_in};
 use futures::StreamExt;
 use libp2p::Multiaddr;
 use skillmesh::config::Config;
 use skillmesh::{Delivery, Error, Node};
 use skillmesh_protocol::Timestamp;
 
-fn relay_config(tweak: impl Fn(&mut Config)) -> Config {
-    let mut c = config(&[]);
-    c.relay.enabled = true;
-    c.relay.mailbox = true;
-    tweak(&mut c);
-    c
+/// Messages the relay holds for `peer`.
+async fn held(relay: &Node, peer: libp2p::PeerId) -> u64 {
+    relay.store().mail_usage(peer).await.expect("usage").0
+}
+
+/// Waits until the relay has deleted all of `peer`'s mail (after the acks).
+async fn drained(relay: &Node, peer: libp2p::PeerId) {
+    common::eventually(Duration::from_secs(5), || async {
+        match relay.store().mail_usage(peer).await {
+            Ok((0, 0)) => Ok(()),
+            other => Err(format!("{other:?}")),
+        }
+    })
+    .await;
 }
 
 fn agent_config(relay: &[Multiaddr]) -> Config {
@@ -53,7 +61,7 @@ async fn next(inbox: &mut skillmesh::Inbox) -> skillmesh::Message {
 async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_restart() {
     let relay_dir = tempfile::tempdir().expect("dir");
     let relay_path = relay_dir.path().to_owned();
-    let relay = start_in(relay_config(|_| {}), relay_dir).await;
+    let relay = start_in(relay_config(), relay_dir).await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
 
     let sender = start(agent_config(&relay_addrs)).await;
@@ -64,12 +72,7 @@ async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_resta
     card_visible(&sender, &recipient).await;
     let recipient_id = recipient.peer_id();
     // Keep the data dir: the recipient comes back later with the same identity.
-    let recipient_dir = {
-        let common::TestNode { node, dir, .. } = recipient;
-        node.shutdown().await.expect("shutdown");
-        drop(node);
-        dir
-    };
+    let recipient_dir = recipient.stop().await;
     assert!(recipient_path.exists());
 
     let texts: Vec<String> = (1..=5)
@@ -85,15 +88,7 @@ async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_resta
             other => panic!("recipient is offline, yet {other:?}"),
         }
     }
-    assert_eq!(
-        relay
-            .store()
-            .mail_usage(recipient_id)
-            .await
-            .expect("usage")
-            .0,
-        5
-    );
+    assert_eq!(held(&relay, recipient_id).await, 5);
 
     // The relay holds ciphertext only.
     let relay_file = std::fs::read(relay_path.join(skillmesh::store::STORE_FILE)).expect("read");
@@ -105,23 +100,10 @@ async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_resta
     }
 
     // The relay restarts on the same data dir (new port), the mail survives.
-    let relay_dir = {
-        let common::TestNode { node, dir, .. } = relay;
-        node.shutdown().await.expect("relay shutdown");
-        drop(node);
-        dir
-    };
-    let relay = start_in(relay_config(|_| {}), relay_dir).await;
+    let relay_dir = relay.stop().await;
+    let relay = start_in(relay_config(), relay_dir).await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
-    assert_eq!(
-        relay
-            .store()
-            .mail_usage(recipient_id)
-            .await
-            .expect("usage")
-            .0,
-        5
-    );
+    assert_eq!(held(&relay, recipient_id).await, 5);
 
     // The recipient comes back and fetches on connect.
     let recipient = start_in(agent_config(&relay_addrs), recipient_dir).await;
@@ -136,13 +118,7 @@ async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_resta
     // Exactly once: fetching again brings nothing, and the relay has deleted the acked mail.
     assert_eq!(recipient.fetch_mail().await, 0);
     assert!(recipient.try_next_message().await.expect("inbox").is_none());
-    common::eventually(Duration::from_secs(5), || async {
-        match relay.store().mail_usage(recipient_id).await {
-            Ok((0, 0)) => Ok(()),
-            other => Err(format!("{other:?}")),
-        }
-    })
-    .await;
+    drained(&relay, recipient_id).await;
 
     // Now that the recipient is online, mail goes directly, and the ratchet goes on.
     sender
@@ -172,7 +148,12 @@ async fn offline_recipient_gets_every_message_once_in_order_across_a_relay_resta
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_full_mailbox_is_an_error_to_the_sender_and_mail_expires() {
-    let relay = start(relay_config(|c| c.store.mail_per_recipient = 2)).await;
+    let relay = start({
+        let mut c = relay_config();
+        c.store.mail_per_recipient = 2;
+        c
+    })
+    .await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
     let sender = start(agent_config(&relay_addrs)).await;
     let recipient = start(agent_config(&relay_addrs)).await;
@@ -227,9 +208,9 @@ async fn a_node_without_a_mailbox_refuses_to_hold_mail_for_others() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn mail_goes_to_both_mailboxes_and_arrives_once() {
-    let r1 = start(relay_config(|_| {})).await;
+    let r1 = start(relay_config()).await;
     let r1_addrs = r1.listen_addrs().await.expect("addrs");
-    let mut c = relay_config(|_| {});
+    let mut c = relay_config();
     c.network.bootstrap = r1_addrs.clone();
     let r2 = start(c).await;
     let r2_addrs = r2.listen_addrs().await.expect("addrs");
@@ -244,11 +225,7 @@ async fn mail_goes_to_both_mailboxes_and_arrives_once() {
     assert_eq!(recipient.mailboxes(), vec![r1.peer_id(), r2.peer_id()]);
     card_visible(&sender, &recipient).await;
     let recipient_id = recipient.peer_id();
-    let dir = {
-        let common::TestNode { node, dir, .. } = recipient;
-        node.shutdown().await.expect("shutdown");
-        dir
-    };
+    let dir = recipient.stop().await;
 
     for i in 0..3 {
         let r = sender
@@ -271,19 +248,13 @@ async fn mail_goes_to_both_mailboxes_and_arrives_once() {
     recipient.fetch_mail().await;
     assert!(recipient.try_next_message().await.expect("inbox").is_none());
     for r in [&r1, &r2] {
-        common::eventually(Duration::from_secs(5), || async {
-            match r.store().mail_usage(recipient_id).await {
-                Ok((0, 0)) => Ok(()),
-                other => Err(format!("{other:?}")),
-            }
-        })
-        .await;
+        drained(r, recipient_id).await;
     }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn two_agents_sending_to_each_other_at_once_both_deliver_directly() {
-    let relay = start(relay_config(|_| {})).await;
+    let relay = start(relay_config()).await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
     let a = start(agent_config(&relay_addrs)).await;
     let b = start(agent_config(&relay_addrs)).await;

@@ -6,7 +6,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{NodeTestExt, config, eventually, start};
+use common::{NodeTestExt, config, eventually, relay_config, start};
 use futures::StreamExt;
 use serde_json::json;
 use skillmesh::config::Reachability;
@@ -21,9 +21,7 @@ async fn echo(
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_undialable_node_is_reached_through_its_relay() {
-    let mut rc = config(&[]);
-    rc.relay.enabled = true;
-    let relay = start(rc).await;
+    let relay = start(relay_config()).await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
 
     // Listens nowhere: only the relay's circuit can bring connections in.
@@ -96,9 +94,7 @@ async fn an_undialable_node_is_reached_through_its_relay() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn relays_and_mailboxes_are_found_in_the_dht_when_none_is_configured() {
-    let mut rc = config(&[]);
-    rc.relay.enabled = true;
-    let relay = start(rc).await;
+    let relay = start(relay_config()).await;
     let relay_addrs = relay.listen_addrs().await.expect("addrs");
 
     // Nothing configured but a bootstrap peer: relay and mailbox come from the DHT.

@@ -712,21 +712,7 @@ impl Config {
                 Duration::from_secs(10),
             )?;
         }
-        duration_at_least(
-            "relay.max_mail_ttl",
-            r.max_mail_ttl,
-            Duration::from_secs(60),
-        )?;
-        if r.max_mail_ttl > skillmesh_protocol::MAX_MAIL_TTL {
-            return Err(invalid(
-                "relay.max_mail_ttl",
-                humantime::format_duration(r.max_mail_ttl),
-                format!(
-                    "must be at most {}",
-                    humantime::format_duration(skillmesh_protocol::MAX_MAIL_TTL)
-                ),
-            ));
-        }
+        mail_ttl("relay.max_mail_ttl", r.max_mail_ttl)?;
         for (key, list) in [
             ("nat.relays", &self.nat.relays),
             ("mail.mailboxes", &self.mail.mailboxes),
@@ -750,17 +736,7 @@ impl Config {
                 format!("must be at most {}", skillmesh_protocol::MAX_CARD_MAILBOXES),
             ));
         }
-        duration_at_least("mail.ttl", m.ttl, Duration::from_secs(60))?;
-        if m.ttl > skillmesh_protocol::MAX_MAIL_TTL {
-            return Err(invalid(
-                "mail.ttl",
-                humantime::format_duration(m.ttl),
-                format!(
-                    "must be at most {}",
-                    humantime::format_duration(skillmesh_protocol::MAX_MAIL_TTL)
-                ),
-            ));
-        }
+        mail_ttl("mail.ttl", m.ttl)?;
         duration_at_least(
             "mail.fetch_interval",
             m.fetch_interval,
@@ -854,6 +830,20 @@ fn duration_at_least(key: &str, v: Duration, min: Duration) -> Result<(), Config
             key,
             humantime::format_duration(v),
             format!("must be at least {}", humantime::format_duration(min)),
+        ));
+    }
+    Ok(())
+}
+
+/// A mail TTL: at least a minute, at most the protocol's [`skillmesh_protocol::MAX_MAIL_TTL`].
+fn mail_ttl(key: &str, v: Duration) -> Result<(), ConfigError> {
+    duration_at_least(key, v, Duration::from_secs(60))?;
+    let max = skillmesh_protocol::MAX_MAIL_TTL;
+    if v > max {
+        return Err(invalid(
+            key,
+            humantime::format_duration(v),
+            format!("must be at most {}", humantime::format_duration(max)),
         ));
     }
     Ok(())

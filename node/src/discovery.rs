@@ -10,11 +10,16 @@ use std::time::Duration;
 
 use libp2p::kad::{self, RecordKey};
 use libp2p::{Multiaddr, PeerId};
+use serde_bytes::ByteBuf;
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::{card_key, skill_key, tag_key};
 use skillmesh_protocol::{
     AgentCard, MAX_CARD_ADDRS, PrekeyBundle, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
 };
+use tokio::sync::mpsc;
+
+use crate::event_loop::Command;
+use crate::store::{Store, StoreError, StoredCard};
 
 /// What to look for.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -72,6 +77,31 @@ pub(crate) fn provider_keys(specs: &[SkillSpec]) -> HashSet<RecordKey> {
         }
     }
     keys
+}
+
+/// Keeps a verified card of another agent: its addresses for the swarm (so it can be dialed)
+/// and its signed bytes in the store (so it is known after a restart, when the DHT is silent).
+pub(crate) async fn remember_card(
+    commands: &mpsc::Sender<Command>,
+    store: &Store,
+    card: &AgentCard,
+    envelope: Vec<u8>,
+) {
+    let _ = commands
+        .send(Command::AddAddresses {
+            peer: card.peer_id,
+            addrs: card.addrs.clone(),
+        })
+        .await;
+    let stored = StoredCard {
+        seq: card.seq,
+        expires_at: card.expires_at,
+        envelope: ByteBuf::from(envelope),
+    };
+    match store.put_card(card.peer_id, stored, Timestamp::now()).await {
+        Ok(()) | Err(StoreError::StaleCard { .. }) => {}
+        Err(e) => tracing::warn!("cannot cache a card: {e}"),
+    }
 }
 
 /// What a card carries besides skills and addresses.

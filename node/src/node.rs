@@ -23,7 +23,7 @@ use crate::behaviour::{TransportKind, build_swarm};
 use crate::call_log::CallLog;
 use crate::calls::{Inbound, final_state, peek, read_result};
 use crate::config::{Config, default_data_dir};
-use crate::discovery::{Found, Query};
+use crate::discovery::{Found, Query, remember_card};
 use crate::error::{Error, Result};
 use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, NatStatus, PublishReport};
 use crate::events::{PeerInfo, Subscription};
@@ -32,7 +32,7 @@ use crate::mail::service::MailService;
 use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::skills::{Registered, Registry, SkillHandler};
-use crate::store::{CallLogEntry, Direction, STORE_FILE, Store, StoreError, StoredCard};
+use crate::store::{CallLogEntry, Direction, STORE_FILE, Store};
 
 /// How long `build` waits for a first connection when bootstrap peers are configured.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
@@ -456,31 +456,8 @@ impl Node {
     }
 
     async fn remember_card(&self, card: &skillmesh_protocol::AgentCard, envelope: Vec<u8>) {
-        if card.peer_id == self.inner.peer_id {
-            return;
-        }
-        let _ = self
-            .inner
-            .commands
-            .send(Command::AddAddresses {
-                peer: card.peer_id,
-                addrs: card.addrs.clone(),
-            })
-            .await;
-        // The card came verified from the event loop; keep the signed bytes for later.
-        let stored = StoredCard {
-            seq: card.seq,
-            expires_at: card.expires_at,
-            envelope: ByteBuf::from(envelope),
-        };
-        match self
-            .inner
-            .store
-            .put_card(card.peer_id, stored, Timestamp::now())
-            .await
-        {
-            Ok(()) | Err(StoreError::StaleCard { .. }) => {}
-            Err(e) => tracing::warn!("cannot cache a card: {e}"),
+        if card.peer_id != self.inner.peer_id {
+            remember_card(&self.inner.commands, &self.inner.store, card, envelope).await;
         }
     }
 

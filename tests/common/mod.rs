@@ -26,6 +26,14 @@ pub fn config(bootstrap: &[Multiaddr]) -> Config {
     c
 }
 
+/// A relay that also holds mail, on loopback.
+pub fn relay_config() -> Config {
+    let mut c = config(&[]);
+    c.relay.enabled = true;
+    c.relay.mailbox = true;
+    c
+}
+
 /// A running node with its data dir (removed when dropped).
 pub struct TestNode {
     pub node: Node,
@@ -37,6 +45,16 @@ impl std::ops::Deref for TestNode {
     type Target = Node;
     fn deref(&self) -> &Node {
         &self.node
+    }
+}
+
+impl TestNode {
+    /// Shuts the node down and keeps its data dir, to start it again later.
+    pub async fn stop(self) -> tempfile::TempDir {
+        let TestNode { node, dir, .. } = self;
+        node.shutdown().await.expect("shutdown");
+        drop(node);
+        dir
     }
 }
 

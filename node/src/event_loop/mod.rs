@@ -31,10 +31,10 @@ use crate::discovery::{CardExtras, build_card, provider_keys, verify_card_record
 use crate::error::{Error, Result};
 use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
 use crate::mail::service::MailService;
-
-mod nat;
 use crate::metrics::NodeMetrics;
 use crate::skills::{self, Registry};
+
+mod nat;
 pub use nat::{ConnectionInfo, NatStatus, Reach};
 
 /// An answer to an inbound request, ready to send.

@@ -33,6 +33,7 @@ use skillmesh_protocol::{
 use tokio::sync::{Notify, mpsc, oneshot};
 
 use crate::config::Config;
+use crate::discovery::remember_card;
 use crate::error::{Error, Result};
 use crate::event_loop::Command;
 use crate::store::{Accepted, InboxEntry, Store};
@@ -235,16 +236,8 @@ impl Messenger {
                 "is this node",
             )));
         }
+        // Also hands the card's addresses to the swarm.
         let card = self.card_of(peer).await?;
-        if let Some(c) = &card {
-            self.commands()?
-                .send(Command::AddAddresses {
-                    peer,
-                    addrs: c.addrs.clone(),
-                })
-                .await
-                .map_err(|_| Error::ShutDown)?;
-        }
         let bundle = card.as_ref().and_then(|c| c.prekeys.clone());
         let ttl = u32::try_from(self.config.mail.ttl.as_secs()).unwrap_or(u32::MAX);
         let direct_timeout = self.config.mail.direct_timeout;
@@ -366,7 +359,8 @@ impl Messenger {
         })
     }
 
-    /// `peer`'s newest card: from the DHT (then cached in the store), else the cached one.
+    /// `peer`'s newest card: from the DHT (then remembered), else the one in the store. Either
+    /// way its addresses go to the swarm.
     pub(crate) async fn card_of(&self, peer: PeerId) -> Result<Option<AgentCard>> {
         let timeout = self.config.dht.query_timeout;
         let found = tokio::time::timeout(
@@ -378,26 +372,26 @@ impl Messenger {
         .transpose()?
         .flatten();
         if let Some((card, bytes)) = found {
-            let stored = crate::store::StoredCard {
-                seq: card.seq,
-                expires_at: card.expires_at,
-                envelope: ByteBuf::from(bytes),
-            };
-            match self.store.put_card(peer, stored, Timestamp::now()).await {
-                Ok(()) | Err(crate::store::StoreError::StaleCard { .. }) => {}
-                Err(e) => tracing::debug!("cannot cache a card: {e}"),
-            }
+            remember_card(&self.commands()?, &self.store, &card, bytes).await;
             return Ok(Some(card));
         }
         let Some(stored) = self.store.card(peer, Timestamp::now()).await? else {
             return Ok(None);
         };
-        Ok(
-            envelope::open::<AgentCard>(&stored.envelope, &Checks::now())
-                .ok()
-                .map(|o| o.value)
-                .filter(|c| c.peer_id == peer),
-        )
+        let card = envelope::open::<AgentCard>(&stored.envelope, &Checks::now())
+            .ok()
+            .map(|o| o.value)
+            .filter(|c| c.peer_id == peer);
+        if let Some(c) = &card {
+            self.commands()?
+                .send(Command::AddAddresses {
+                    peer,
+                    addrs: c.addrs.clone(),
+                })
+                .await
+                .map_err(|_| Error::ShutDown)?;
+        }
+        Ok(card)
     }
 
     /// Takes a sealed message addressed to this node: verifies, dedupes, decrypts and stores it.
