@@ -31,13 +31,16 @@
 //! # }
 //! ```
 
+mod net;
+mod progress;
 mod report;
 mod run;
 mod scenario;
 
-pub use report::{Latency, Report};
-pub use run::run;
-pub use scenario::{MAX_NODES, Scenario};
+pub use net::{DialStats, Model, NAT_WINDOW, Net, Placement};
+pub use report::{Connections, Latency, MailOutcome, PartitionOutcome, Report, Samples};
+pub use run::{Options, run, run_with};
+pub use scenario::{Churn, MAX_NODES, Mail, Network, Partition, Scenario};
 
 /// A simulation could not run.
 #[derive(Debug, thiserror::Error)]

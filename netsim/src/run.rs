@@ -1,47 +1,45 @@
-//! Running a scenario: start the nodes, give them roles, run the workload, measure.
+//! Running a scenario: place and start the nodes, give them roles, run the workload phases
+//! (lookups, calls, gossip, churn, a partition, mail to offline nodes), measure.
 
 use std::collections::{HashMap, HashSet};
+use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use futures::stream;
+use libp2p::multiaddr::Protocol;
 use rand::rngs::StdRng;
+use rand::seq::{IndexedRandom, SliceRandom};
 use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
-use skillmesh::config::{Config, KadMode};
-use skillmesh::protocol::{Multiaddr, PeerId, ShareMode, SkillSpec, Timestamp};
-use skillmesh::{CallContext, HandlerError, Node, TransportKind};
+use skillmesh::config::{Config, KadMode, Reachability};
+use skillmesh::protocol::{Multiaddr, PeerId, ShareMode, SkillSpec};
+use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind};
+use tokio::task::JoinHandle;
 
 use crate::SimError;
-use crate::report::{Latency, Report, rss_mib};
+use crate::net::{Model, Net, Placement};
+use crate::progress::Progress;
+use crate::report::{Latency, Report, Samples, rss_mib};
 use crate::scenario::Scenario;
-
-/// Times each (receiving node, publisher, seq) was delivered.
-type Deliveries = HashMap<(usize, PeerId, u64), u32>;
 
 /// Operations in flight at once during the workload.
 const PARALLEL: usize = 32;
 /// Nodes started at once.
-const START_BATCH: usize = 50;
+const START_BATCH: usize = 25;
 /// The topic every node subscribes to.
 const TOPIC: &str = "netsim";
 
-/// Node settings for many nodes in one process: memory transport, no mDNS, quiet presence.
-fn node_config(bootstrap: Vec<Multiaddr>, s: &Scenario) -> Config {
-    let mut c = Config::default();
-    c.network.listen = vec!["/memory/0".parse().unwrap_or_else(|_| unreachable!())];
-    c.network.bootstrap = bootstrap;
-    c.network.mdns = false;
-    c.dht.mode = KadMode::Server;
-    c.dht.query_timeout = s.timeout;
-    c.gossip.heartbeat = Duration::from_millis(500);
-    c.gossip.presence_interval = Duration::from_secs(60);
-    c.calls.rate_per_peer = 100_000;
-    c.calls.burst_per_peer = 100_000;
-    c.calls.timeout = s.timeout;
-    c.store.max_call_log = 1_000;
-    c
+/// Each (receiving node, event) delivered, how often, and when.
+#[derive(Default)]
+struct Deliveries {
+    count: HashMap<(usize, u64), u32>,
+    at: HashMap<(usize, u64), Instant>,
+}
+
+fn node_err(e: impl std::fmt::Display) -> SimError {
+    SimError::Node(e.to_string())
 }
 
 async fn echo(_ctx: CallContext, args: Value) -> Result<Value, HandlerError> {
@@ -52,124 +50,383 @@ fn skill_name(k: usize) -> String {
     format!("sim-skill-{k}")
 }
 
-/// Runs a scenario to its report.
-pub async fn run(s: &Scenario) -> Result<Report, SimError> {
-    let started = Instant::now();
-    let mut rng = StdRng::seed_from_u64(s.seed);
-    let root = tempfile::tempdir().map_err(|e| SimError::Node(e.to_string()))?;
+/// One run: the network, the nodes (a slot is empty while its node is offline), and what
+/// they received.
+struct Sim<'a> {
+    s: &'a Scenario,
+    net: Arc<Net>,
+    root: tempfile::TempDir,
+    placements: Vec<Placement>,
+    nodes: Vec<Option<Node>>,
+    peers: Vec<PeerId>,
+    listeners: Vec<Option<JoinHandle<()>>>,
+    bootstrap: Vec<Multiaddr>,
+    relays: Vec<Multiaddr>,
+    /// Skills each node serves, so a node that comes back serves them again.
+    serves: Vec<Vec<usize>>,
+    deliveries: Arc<Mutex<Deliveries>>,
+    /// When each event went out.
+    published: HashMap<u64, Instant>,
+    next_event: u64,
+    progress: Progress,
+}
 
-    let start_node = |i: usize, bootstrap: Vec<Multiaddr>| {
-        let dir = root.path().join(format!("node-{i}"));
-        let config = node_config(bootstrap, s);
+impl Sim<'_> {
+    fn config(&self, i: usize) -> Config {
+        let s = self.s;
+        let public = i < s.public_nodes();
+        let mut c = Config::default();
+        c.network.listen = vec![Net::addr(i)];
+        c.network.bootstrap = if i < s.bootstrap {
+            self.bootstrap[..i.min(self.bootstrap.len())].to_vec()
+        } else {
+            self.bootstrap.clone()
+        };
+        c.network.mdns = false;
+        // Many nodes in one process: fewer connections each, and idle ones close sooner.
+        c.network.min_connections = 16;
+        c.network.max_connections = 40;
+        c.network.idle_timeout = Duration::from_secs(30);
+        c.dht.mode = if public || !self.placements[i].nat {
+            KadMode::Server
+        } else {
+            KadMode::Auto
+        };
+        c.dht.query_timeout = s.timeout;
+        // Behind NAT a node finds out with AutoNAT, as it would for real; public nodes know.
+        c.nat.reachability = if self.placements[i].nat {
+            Reachability::Auto
+        } else {
+            Reachability::Public
+        };
+        c.relay.enabled = i < s.relays;
+        c.relay.mailbox = i < s.relays;
+        if !public {
+            c.mail.mailboxes = self.relays.clone();
+        }
+        c.mail.fetch_interval = Duration::from_secs(5);
+        // Presence goes to every node; in one process that is every node's CPU at once.
+        c.gossip.presence_interval = Duration::from_secs(3600);
+        c.calls.rate_per_peer = 100_000;
+        c.calls.burst_per_peer = 100_000;
+        c.calls.timeout = s.timeout;
+        c.store.max_call_log = 100;
+        c
+    }
+
+    /// Node `i`'s start-up, owning what it needs, so many can run at once.
+    fn build(&self, i: usize) -> impl Future<Output = Result<Node, SimError>> + use<> {
+        let builder = Node::builder(self.config(i))
+            .data_dir(self.root.path().join(format!("node-{i}")))
+            .transport(TransportKind::Raw(self.net.transport(i)));
         async move {
-            Node::builder(config)
-                .data_dir(dir)
-                .transport(TransportKind::Memory)
+            builder
                 .build()
                 .await
                 .map_err(|e| SimError::Node(format!("node {i}: {e}")))
         }
-    };
-    let mut nodes = vec![start_node(0, vec![]).await?];
-    let mut boot = nodes[0]
-        .listen_addrs()
-        .await
-        .map_err(|e| SimError::Node(e.to_string()))?;
-    for i in 1..s.bootstrap {
-        let n = start_node(i, boot.clone()).await?;
-        boot.extend(
-            n.listen_addrs()
-                .await
-                .map_err(|e| SimError::Node(e.to_string()))?,
-        );
-        nodes.push(n);
     }
-    let mut next = s.bootstrap;
-    while next < s.nodes {
-        let batch: Vec<_> = (next..s.nodes.min(next + START_BATCH))
-            .map(|i| start_node(i, boot.clone()))
-            .collect();
-        next += batch.len();
-        for n in futures::future::join_all(batch).await {
-            nodes.push(n?);
+
+    async fn start(&mut self, i: usize) -> Result<(), SimError> {
+        let node = self.build(i).await?;
+        self.attach(i, node).await
+    }
+
+    /// Gives a started node its skills and its event listener.
+    async fn attach(&mut self, i: usize, node: Node) -> Result<(), SimError> {
+        for &k in &self.serves[i] {
+            node.register_skill(spec(k)?, echo)
+                .await
+                .map_err(node_err)?;
+        }
+        let mut sub = node.subscribe(TOPIC).await.map_err(node_err)?;
+        let deliveries = self.deliveries.clone();
+        self.listeners[i] = Some(tokio::spawn(async move {
+            while let Some(d) = sub.next().await {
+                let Some(e) = d.json().and_then(|v| v.get("e").and_then(Value::as_u64)) else {
+                    continue;
+                };
+                let mut d = deliveries.lock().unwrap_or_else(|e| e.into_inner());
+                *d.count.entry((i, e)).or_insert(0) += 1;
+                d.at.entry((i, e)).or_insert_with(Instant::now);
+            }
+        }));
+        self.peers[i] = node.peer_id();
+        self.nodes[i] = Some(node);
+        Ok(())
+    }
+
+    async fn stop(&mut self, i: usize) {
+        if let Some(l) = self.listeners[i].take() {
+            l.abort();
+        }
+        if let Some(n) = self.nodes[i].take() {
+            let _ = n.shutdown().await;
         }
     }
-    let startup_secs = started.elapsed().as_secs_f64();
+
+    fn up(&self) -> Vec<usize> {
+        (0..self.nodes.len())
+            .filter(|&i| self.nodes[i].is_some())
+            .collect()
+    }
+
+    fn node(&self, i: usize) -> Result<Node, SimError> {
+        self.nodes[i]
+            .clone()
+            .ok_or_else(|| SimError::Node(format!("node {i} is offline")))
+    }
+
+    /// Publishes `count` events from random live nodes in `from`; returns their ids and
+    /// publishers.
+    async fn publish(
+        &mut self,
+        rng: &mut StdRng,
+        from: &[usize],
+        count: usize,
+    ) -> Result<Vec<(u64, usize)>, SimError> {
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let p = from[rng.random_range(0..from.len())];
+            let node = self.node(p)?;
+            let e = self.next_event;
+            self.next_event += 1;
+            let deadline = Instant::now() + self.s.timeout;
+            self.published.insert(e, Instant::now());
+            while let Err(err) = node.publish_json(TOPIC, &json!({ "e": e })).await {
+                if Instant::now() > deadline {
+                    return Err(SimError::Node(format!("event {e} never published: {err}")));
+                }
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            out.push((e, p));
+            self.progress.tick();
+        }
+        Ok(out)
+    }
+
+    /// Waits until every (receiver, event) pair expected has arrived, or the timeout.
+    async fn await_deliveries(&self, expected: &[(usize, u64)]) {
+        let deadline = Instant::now() + self.s.timeout;
+        loop {
+            let got = {
+                let d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+                expected.iter().filter(|k| d.count.contains_key(k)).count()
+            };
+            if got >= expected.len() || Instant::now() > deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Delivered share, duplicates and latencies of `expected`.
+    fn tally(&self, expected: &[(usize, u64)]) -> (f64, u64, Vec<Duration>) {
+        let d = self.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        let mut lat = Vec::new();
+        let mut dups = 0;
+        let mut got = 0;
+        for k in expected {
+            if let Some(&c) = d.count.get(k) {
+                got += 1;
+                dups += u64::from(c.saturating_sub(1));
+                if let (Some(at), Some(sent)) = (d.at.get(k), self.published.get(&k.1)) {
+                    lat.push(at.saturating_duration_since(*sent));
+                }
+            }
+        }
+        (ratio(got, expected.len()), dups, lat)
+    }
+}
+
+fn spec(k: usize) -> Result<SkillSpec, SimError> {
+    SkillSpec::builder(skill_name(k), "1.0.0")
+        .share(ShareMode::Public)
+        .tag("sim")
+        .build()
+        .map_err(node_err)
+}
+
+fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
+    addr.with(Protocol::P2p(peer))
+}
+
+/// Places the nodes: regions spread evenly, NAT on a share of the non-public nodes.
+fn place(s: &Scenario, rng: &mut StdRng) -> (Model, Vec<Placement>) {
+    let n = &s.network;
+    let regions = n.regions.len().max(1);
+    let latency = if n.regions.is_empty() {
+        vec![vec![n.latency]]
+    } else {
+        n.region_latency_ms
+            .iter()
+            .map(|row| row.iter().map(|&ms| Duration::from_millis(ms)).collect())
+            .collect()
+    };
+    let mut order: Vec<usize> = (0..s.nodes).collect();
+    order.shuffle(rng);
+    let mut placements = vec![
+        Placement {
+            region: 0,
+            nat: false
+        };
+        s.nodes
+    ];
+    for (rank, &i) in order.iter().enumerate() {
+        placements[i].region = rank % regions;
+    }
+    let private: Vec<usize> = (s.public_nodes()..s.nodes).collect();
+    let behind = ((private.len() as f64) * n.nat).round() as usize;
+    for &i in private.sample(rng, behind) {
+        placements[i].nat = true;
+    }
+    let model = Model {
+        latency,
+        bandwidth: n.bandwidth_mbit * 1_000_000 / 8,
+        dial_failure: n.dial_failure,
+        hole_punch: n.hole_punch,
+    };
+    (model, placements)
+}
+
+/// How to run a scenario.
+#[derive(Clone, Debug, Default)]
+#[non_exhaustive]
+pub struct Options {
+    /// Keep the nodes' data under this directory (default: a temporary directory).
+    pub data_dir: Option<PathBuf>,
+    /// Show a progress line on stderr.
+    pub progress: bool,
+}
+
+/// Runs a scenario to its report, quietly, with the nodes' data in a temporary directory.
+pub async fn run(s: &Scenario) -> Result<Report, SimError> {
+    run_with(s, Options::default()).await
+}
+
+/// [`run`] with options.
+pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError> {
+    let data_dir = options.data_dir;
+    let started = Instant::now();
+    let mut rng = StdRng::seed_from_u64(s.seed);
+    let (model, placements) = place(s, &mut rng);
+    let net = Net::new(s.seed, model, &placements);
+    let root = match data_dir {
+        Some(d) => tempfile::Builder::new()
+            .prefix("netsim-")
+            .tempdir_in(d)
+            .map_err(node_err)?,
+        None => tempfile::tempdir().map_err(node_err)?,
+    };
+    let mut sim = Sim {
+        s,
+        net: net.clone(),
+        root,
+        placements,
+        nodes: vec![None; s.nodes],
+        peers: vec![PeerId::random(); s.nodes],
+        listeners: (0..s.nodes).map(|_| None).collect(),
+        bootstrap: Vec::new(),
+        relays: Vec::new(),
+        serves: vec![Vec::new(); s.nodes],
+        deliveries: Arc::default(),
+        published: HashMap::new(),
+        next_event: 0,
+        progress: Progress::new(options.progress),
+    };
 
     // Roles, from the seed: which nodes serve which skill.
     let mut servers: Vec<Vec<usize>> = Vec::new();
     for k in 0..s.skills {
-        let mut chosen = HashSet::new();
-        while chosen.len() < s.servers_per_skill {
-            chosen.insert(rng.random_range(0..s.nodes));
-        }
-        let mut chosen: Vec<usize> = chosen.into_iter().collect();
+        let mut chosen: Vec<usize> = (0..s.nodes).collect();
+        chosen.shuffle(&mut rng);
+        chosen.truncate(s.servers_per_skill);
         chosen.sort_unstable();
         for &i in &chosen {
-            let spec = SkillSpec::builder(skill_name(k), "1.0.0")
-                .share(ShareMode::Public)
-                .tag("sim")
-                .build()
-                .map_err(|e| SimError::Node(e.to_string()))?;
-            nodes[i]
-                .register_skill(spec, echo)
-                .await
-                .map_err(|e| SimError::Node(e.to_string()))?;
+            sim.serves[i].push(k);
         }
         servers.push(chosen);
     }
 
-    // Every node listens on the topic; deliveries are recorded as they arrive.
-    let deliveries: Arc<Mutex<Deliveries>> = Arc::default();
-    let gossip_lat: Arc<Mutex<Vec<Duration>>> = Arc::default();
-    let mut listeners = Vec::new();
-    for (i, node) in nodes.iter().enumerate() {
-        let mut sub = node
-            .subscribe(TOPIC)
-            .await
-            .map_err(|e| SimError::Node(e.to_string()))?;
-        let (deliveries, lat) = (deliveries.clone(), gossip_lat.clone());
-        listeners.push(tokio::spawn(async move {
-            while let Some(d) = sub.next().await {
-                let age = Timestamp::now().since(d.issued_at);
-                *deliveries
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .entry((i, d.publisher, d.seq))
-                    .or_insert(0) += 1;
-                lat.lock().unwrap_or_else(|e| e.into_inner()).push(age);
-            }
-        }));
+    // Start: public nodes one by one (each bootstraps from the ones before), then the rest in
+    // batches.
+    sim.progress.phase("start", s.nodes);
+    for i in 0..s.public_nodes() {
+        sim.start(i).await?;
+        let addr = with_peer(Net::addr(i), sim.peers[i]);
+        if i < s.bootstrap {
+            sim.bootstrap.push(addr.clone());
+        }
+        if i < s.relays {
+            sim.relays.push(addr);
+        }
+        sim.progress.tick();
     }
+    let mut next = s.public_nodes();
+    while next < s.nodes {
+        let end = s.nodes.min(next + START_BATCH);
+        let built = futures::future::join_all((next..end).map(|i| sim.build(i))).await;
+        for (i, node) in (next..end).zip(built) {
+            sim.attach(i, node?).await?;
+            sim.progress.tick();
+        }
+        next = end;
+    }
+    let startup_secs = started.elapsed().as_secs_f64();
+    sim.progress.phase("settle", 0);
     tokio::time::sleep(s.settle).await;
 
     // Lookups: a random node looks for a random skill; success = every server found.
+    sim.progress.phase("lookups", s.lookups);
+    let before: u64 = sim
+        .up()
+        .iter()
+        .filter_map(|&i| sim.nodes[i].as_ref())
+        .map(|n| n.lookup_stats().requests)
+        .sum();
     let lookups: Vec<(usize, usize)> = (0..s.lookups)
         .map(|_| (rng.random_range(0..s.nodes), rng.random_range(0..s.skills)))
         .collect();
+    let progress = &sim.progress;
     let results: Vec<(bool, Duration)> = stream::iter(lookups)
         .map(|(i, k)| {
-            let node = nodes[i].clone();
-            let expected: HashSet<PeerId> =
-                servers[k].iter().map(|&j| nodes[j].peer_id()).collect();
-            let timeout = s.timeout;
+            let node = sim.nodes[i].clone();
+            let expected: HashSet<PeerId> = servers[k].iter().map(|&j| sim.peers[j]).collect();
             async move {
                 let t = Instant::now();
-                let found = tokio::time::timeout(timeout, node.find_skill(&skill_name(k))).await;
-                let got: HashSet<PeerId> = match found {
-                    Ok(Ok(f)) => f.into_iter().map(|f| f.peer).collect(),
-                    _ => HashSet::new(),
+                let got: HashSet<PeerId> = match node {
+                    Some(node) => {
+                        match tokio::time::timeout(s.timeout, node.find_skill(&skill_name(k))).await
+                        {
+                            Ok(Ok(f)) => f.into_iter().map(|f| f.peer).collect(),
+                            _ => HashSet::new(),
+                        }
+                    }
+                    None => HashSet::new(),
                 };
+                progress.tick();
                 (expected.is_subset(&got), t.elapsed())
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
+    let after: u64 = sim
+        .up()
+        .iter()
+        .filter_map(|&i| sim.nodes[i].as_ref())
+        .map(|n| n.lookup_stats().requests)
+        .sum();
     let discovery_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
-    let discovery = Latency::of(results.iter().filter(|r| r.0).map(|r| r.1).collect());
+    let discovery_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let lookup_requests = if results.is_empty() {
+        0.0
+    } else {
+        after.saturating_sub(before) as f64 / results.len() as f64
+    };
 
     // Calls: a random node calls a random server of a random skill.
+    sim.progress.phase("calls", s.calls);
     let calls: Vec<(usize, usize, usize)> = (0..s.calls)
         .map(|_| {
             let k = rng.random_range(0..s.skills);
@@ -177,73 +434,314 @@ pub async fn run(s: &Scenario) -> Result<Report, SimError> {
             (rng.random_range(0..s.nodes), server, k)
         })
         .collect();
+    let progress = &sim.progress;
     let results: Vec<(bool, Duration)> = stream::iter(calls)
         .enumerate()
         .map(|(n, (i, j, k))| {
-            let (caller, callee) = (nodes[i].clone(), nodes[j].peer_id());
+            let (caller, callee) = (sim.nodes[i].clone(), sim.peers[j]);
             async move {
                 let t = Instant::now();
-                let r = caller.call(callee, &skill_name(k), json!({ "n": n })).await;
-                (matches!(r, Ok(v) if v == json!({ "n": n })), t.elapsed())
+                let ok = match caller {
+                    Some(c) => matches!(
+                        c.call(callee, &skill_name(k), json!({ "n": n })).await,
+                        Ok(v) if v == json!({ "n": n })
+                    ),
+                    None => false,
+                };
+                progress.tick();
+                (ok, t.elapsed())
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
     let call_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
-    let call_lat = Latency::of(results.iter().filter(|r| r.0).map(|r| r.1).collect());
+    let call_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let connections = connection_census(&sim).await;
 
-    // Events: random publishers; each must reach every other node once.
-    for e in 0..s.events {
-        let publisher = &nodes[rng.random_range(0..s.nodes)];
-        let deadline = Instant::now() + s.timeout;
-        while let Err(err) = publisher.publish_json(TOPIC, &json!({ "event": e })).await {
-            if Instant::now() > deadline {
-                return Err(SimError::Node(format!("event {e} never published: {err}")));
-            }
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-    }
-    let expected = s.events * (s.nodes - 1);
-    let deadline = Instant::now() + s.timeout;
-    loop {
-        let got = deliveries.lock().unwrap_or_else(|e| e.into_inner()).len();
-        if got >= expected || Instant::now() > deadline {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    let (delivered, duplicates) = {
-        let d = deliveries.lock().unwrap_or_else(|e| e.into_inner());
-        (
-            d.len(),
-            d.values().map(|&c| u64::from(c.saturating_sub(1))).sum(),
-        )
-    };
-    let gossip = Latency::of(gossip_lat.lock().unwrap_or_else(|e| e.into_inner()).clone());
+    // Events with no faults: each must reach every other node once.
+    sim.progress.phase("gossip", s.events);
+    let everyone: Vec<usize> = (0..s.nodes).collect();
+    let events = sim.publish(&mut rng, &everyone, s.events).await?;
+    let expected = expect(&events, &everyone);
+    sim.await_deliveries(&expected).await;
+    let (gossip_delivery, gossip_duplicates, gossip_samples) = sim.tally(&expected);
 
-    let rss = rss_mib();
-    let report = Report {
+    let mut report = Report {
         scenario: s.name.clone(),
         seed: s.seed,
         nodes: s.nodes,
+        behind_nat: sim.placements.iter().filter(|p| p.nat).count(),
         startup_secs,
         discovery_success,
-        discovery,
+        discovery: Latency::of(&discovery_samples),
+        lookup_requests,
         call_success,
-        calls: call_lat,
-        gossip_delivery: ratio(delivered, expected),
-        gossip,
-        gossip_duplicates: duplicates,
-        rss_mib: rss,
-        rss_per_node_mib: rss / s.nodes as f64,
-        wall_secs: started.elapsed().as_secs_f64(),
+        calls: Latency::of(&call_samples),
+        gossip_delivery,
+        gossip: Latency::of(&gossip_samples),
+        gossip_duplicates,
+        connections,
+        ..Report::default()
     };
-    for l in listeners {
-        l.abort();
+
+    if let Some(c) = &s.churn {
+        let (delivery, lat) = churn(&mut sim, &mut rng, c).await?;
+        report.churn_delivery = Some(delivery);
+        report.churn_gossip = Some(Latency::of(&lat));
     }
-    futures::future::join_all(nodes.iter().map(|n| n.shutdown())).await;
+    if let Some(p) = &s.partition {
+        let outcome = partition(&mut sim, &mut rng, p).await?;
+        report.partition = Some(outcome);
+    }
+    let mut mail_samples = Vec::new();
+    if let Some(m) = &s.mail {
+        let (outcome, samples) = mail(&mut sim, &mut rng, m).await?;
+        mail_samples = samples;
+        report.mail = Some(outcome);
+    }
+
+    report.dials = net.dial_stats();
+    let sent: Vec<u64> = (0..s.nodes).map(|i| net.bytes_sent(i)).collect();
+    report.bytes_sent_mib = sent.iter().sum::<u64>() as f64 / (1024.0 * 1024.0);
+    report.bytes_sent_per_node_kib = sent.iter().sum::<u64>() as f64 / 1024.0 / s.nodes as f64;
+    report.rss_mib = rss_mib();
+    report.rss_per_node_mib = report.rss_mib / s.nodes as f64;
+    report.samples = Samples {
+        discovery_ms: to_ms(&discovery_samples),
+        calls_ms: to_ms(&call_samples),
+        gossip_ms: to_ms(&gossip_samples),
+        mail_ms: to_ms(&mail_samples),
+    };
+    sim.progress.phase("shutdown", 0);
+    for i in 0..s.nodes {
+        sim.stop(i).await;
+    }
+    report.wall_secs = started.elapsed().as_secs_f64();
+    sim.progress.finish();
     Ok(report)
+}
+
+fn to_ms(d: &[Duration]) -> Vec<f64> {
+    d.iter().map(|d| d.as_secs_f64() * 1e3).collect()
+}
+
+/// Every (receiver, event) pair: each event to each node in `to` but its publisher.
+fn expect(events: &[(u64, usize)], to: &[usize]) -> Vec<(usize, u64)> {
+    events
+        .iter()
+        .flat_map(|&(e, p)| to.iter().filter(move |&&i| i != p).map(move |&i| (i, e)))
+        .collect()
+}
+
+/// Direct and relayed connections, counted at both ends, and hole punches.
+async fn connection_census(sim: &Sim<'_>) -> crate::report::Connections {
+    let mut c = crate::report::Connections::default();
+    for node in sim.nodes.iter().flatten() {
+        if let Ok(st) = node.nat_status().await {
+            for conn in &st.connections {
+                if conn.relayed {
+                    c.relayed += 1;
+                } else {
+                    c.direct += 1;
+                }
+            }
+            c.reservations += st.reservations.len() as u64;
+            c.hole_punches_ok += st.hole_punches.0;
+            c.hole_punches_failed += st.hole_punches.1;
+        }
+    }
+    c
+}
+
+/// Churn rounds: a share of the nodes leaves, events go out, they come back.
+async fn churn(
+    sim: &mut Sim<'_>,
+    rng: &mut StdRng,
+    c: &crate::scenario::Churn,
+) -> Result<(f64, Vec<Duration>), SimError> {
+    let s = sim.s;
+    let eligible: Vec<usize> = (s.public_nodes()..s.nodes).collect();
+    let leave = ((eligible.len() as f64) * c.fraction).round() as usize;
+    let mut expected = Vec::new();
+    sim.progress
+        .phase("churn", c.rounds as usize * (c.events + 2 * leave));
+    for _ in 0..c.rounds {
+        let gone: Vec<usize> = eligible.sample(rng, leave).copied().collect();
+        for &i in &gone {
+            sim.stop(i).await;
+            sim.progress.tick();
+        }
+        let up = sim.up();
+        let started = Instant::now();
+        let events = sim.publish(rng, &up, c.events).await?;
+        let round = expect(&events, &up);
+        sim.await_deliveries(&round).await;
+        expected.extend(round);
+        if let Some(rest) = c.offline.checked_sub(started.elapsed()) {
+            tokio::time::sleep(rest).await;
+        }
+        for &i in &gone {
+            sim.start(i).await?;
+            sim.progress.tick();
+        }
+        tokio::time::sleep(s.settle).await;
+    }
+    let (delivery, _, lat) = sim.tally(&expected);
+    Ok((delivery, lat))
+}
+
+/// A partition: events stay inside their group; after it heals they reach everyone.
+async fn partition(
+    sim: &mut Sim<'_>,
+    rng: &mut StdRng,
+    p: &crate::scenario::Partition,
+) -> Result<crate::report::PartitionOutcome, SimError> {
+    let s = sim.s;
+    let mut order: Vec<usize> = (0..s.nodes).collect();
+    order.shuffle(rng);
+    let mut groups = vec![0u32; s.nodes];
+    for (rank, &i) in order.iter().enumerate() {
+        groups[i] = rank as u32 % p.groups;
+    }
+    sim.progress.phase("partition", 2 * p.events);
+    sim.net.partition(groups.clone());
+    let groups = &groups;
+    let started = Instant::now();
+    // Gossip needs a heartbeat or two to route around the cut links.
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let up = sim.up();
+    let events = sim.publish(rng, &up, p.events).await?;
+    let inside: Vec<(usize, u64)> = events
+        .iter()
+        .flat_map(|&(e, pb)| {
+            let g = groups[pb];
+            up.iter()
+                .filter(move |&&i| i != pb && groups[i] == g)
+                .map(move |&i| (i, e))
+        })
+        .collect();
+    sim.await_deliveries(&inside).await;
+    if let Some(rest) = p.duration.checked_sub(started.elapsed()) {
+        tokio::time::sleep(rest).await;
+    }
+    let crossed = {
+        let d = sim.deliveries.lock().unwrap_or_else(|e| e.into_inner());
+        events
+            .iter()
+            .flat_map(|&(e, pb)| {
+                let g = groups[pb];
+                up.iter()
+                    .filter(move |&&i| groups[i] != g)
+                    .map(move |&i| (i, e))
+            })
+            .filter(|k| d.count.contains_key(k))
+            .count() as u64
+    };
+    let (inside_delivery, _, _) = sim.tally(&inside);
+    sim.net.heal();
+    let healed = Instant::now();
+    // After the heal: nodes find each other again through the DHT (lookups dial across),
+    // then gossip meshes span the groups again.
+    tokio::time::sleep(s.settle).await;
+    let up = sim.up();
+    let events = sim.publish(rng, &up, p.events).await?;
+    let after = expect(&events, &up);
+    sim.await_deliveries(&after).await;
+    let (after_delivery, _, _) = sim.tally(&after);
+    Ok(crate::report::PartitionOutcome {
+        groups: p.groups,
+        cross_deliveries: crossed,
+        inside_delivery,
+        after_heal_delivery: after_delivery,
+        heal_to_measure_secs: healed.elapsed().as_secs_f64(),
+    })
+}
+
+/// Mail: recipients go offline, senders mail them (held by the relays' mailboxes), the
+/// recipients come back and read it.
+async fn mail(
+    sim: &mut Sim<'_>,
+    rng: &mut StdRng,
+    m: &crate::scenario::Mail,
+) -> Result<(crate::report::MailOutcome, Vec<Duration>), SimError> {
+    let s = sim.s;
+    let eligible: Vec<usize> = (s.public_nodes()..s.nodes).collect();
+    let recipients: Vec<usize> = eligible.sample(rng, m.recipients).copied().collect();
+    let total = m.recipients * m.messages;
+    sim.progress.phase("mail", 2 * total);
+    // Recipients publish cards naming their mailboxes; give the cards a moment to land.
+    for &r in &recipients {
+        let node = sim.node(r)?;
+        let deadline = Instant::now() + s.timeout;
+        while node.mailboxes().is_empty() && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    for &r in &recipients {
+        sim.stop(r).await;
+    }
+    let offline: HashSet<usize> = recipients.iter().copied().collect();
+    let senders: Vec<usize> = (0..s.nodes).filter(|i| !offline.contains(i)).collect();
+    let mut sent = HashMap::new();
+    let (mut deposited, mut failed) = (0u64, 0u64);
+    for &r in &recipients {
+        for k in 0..m.messages {
+            let from = senders[rng.random_range(0..senders.len())];
+            let body = format!("mail {r}/{k}");
+            match sim.node(from)?.send(sim.peers[r], body.as_bytes()).await {
+                Ok(rep) if matches!(rep.delivery, Delivery::Deposited(_)) => {
+                    deposited += 1;
+                    sent.insert(body, r);
+                }
+                Ok(_) => {
+                    // Delivered directly: the recipient is offline, so this cannot happen.
+                    failed += 1;
+                }
+                Err(_) => failed += 1,
+            }
+            sim.progress.tick();
+        }
+    }
+    for &r in &recipients {
+        sim.start(r).await?;
+    }
+    let back = Instant::now();
+    let mut samples = Vec::new();
+    let mut delivered = 0u64;
+    let deadline = back + s.timeout * 3;
+    for &r in &recipients {
+        let node = sim.node(r)?;
+        let want = sent.values().filter(|&&x| x == r).count();
+        let mut got = 0;
+        let mut inbox = node.inbox();
+        while got < want {
+            let left = deadline.saturating_duration_since(Instant::now());
+            match tokio::time::timeout(left, inbox.next()).await {
+                Ok(Some(Ok(msg))) => {
+                    let body = String::from_utf8_lossy(&msg.data).to_string();
+                    if sent.get(&body) == Some(&r) {
+                        got += 1;
+                        delivered += 1;
+                        samples.push(back.elapsed());
+                        sim.progress.tick();
+                    }
+                }
+                _ => break,
+            }
+        }
+    }
+    Ok((
+        crate::report::MailOutcome {
+            sent: total as u64,
+            deposited,
+            failed_to_send: failed,
+            delivered,
+            delivery: ratio(delivered as usize, total),
+        },
+        samples,
+    ))
 }
 
 fn ratio(n: usize, of: usize) -> f64 {

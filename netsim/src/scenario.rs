@@ -16,13 +16,17 @@ pub const MAX_NODES: usize = 5_000;
 pub struct Scenario {
     /// Its name, for the report.
     pub name: String,
-    /// Seed of every random choice (roles, callers, publishers).
+    /// Seed of every random choice: placement, roles, workload, faults.
     pub seed: u64,
-    /// Nodes in all, bootstrap nodes included.
+    /// Nodes in all, bootstrap nodes and relays included.
     pub nodes: usize,
-    /// Nodes the others bootstrap from.
+    /// Nodes the others bootstrap from (public, started first).
     #[serde(default = "one")]
     pub bootstrap: usize,
+    /// Public nodes that run a relay and a mailbox (the first nodes; they may be bootstrap
+    /// nodes too).
+    #[serde(default)]
+    pub relays: usize,
     /// Distinct skills served.
     pub skills: usize,
     /// Nodes serving each skill.
@@ -32,7 +36,7 @@ pub struct Scenario {
     pub lookups: usize,
     /// Calls, each by a random node to a provider it found.
     pub calls: usize,
-    /// Events published on one topic every node subscribes to.
+    /// Events published on one topic every node subscribes to, with no faults.
     pub events: usize,
     /// Wait after start-up before the workload, so the DHT and gossip meshes settle.
     #[serde(with = "humantime_serde", default = "settle")]
@@ -40,6 +44,94 @@ pub struct Scenario {
     /// Deadline of each operation.
     #[serde(with = "humantime_serde", default = "timeout")]
     pub timeout: Duration,
+    /// The network under the nodes.
+    #[serde(default)]
+    pub network: Network,
+    /// Nodes leaving and coming back while events are published.
+    pub churn: Option<Churn>,
+    /// A partition that heals.
+    pub partition: Option<Partition>,
+    /// Mail to nodes that are offline.
+    pub mail: Option<Mail>,
+}
+
+/// `[network]`: the model links follow.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Network {
+    /// One-way latency between any two nodes when there are no regions.
+    #[serde(with = "humantime_serde")]
+    pub latency: Duration,
+    /// Region names; nodes are spread over them evenly (seeded).
+    pub regions: Vec<String>,
+    /// One-way latency in milliseconds from region `i` to region `j`.
+    pub region_latency_ms: Vec<Vec<u64>>,
+    /// Megabits per second per link direction (0: unlimited).
+    pub bandwidth_mbit: u64,
+    /// Chance that a dial fails.
+    pub dial_failure: f64,
+    /// Share of the non-public nodes behind NAT: they accept no inbound dials and must use
+    /// relays.
+    pub nat: f64,
+    /// Chance that hole punching works for a pair.
+    pub hole_punch: f64,
+}
+
+impl Default for Network {
+    fn default() -> Self {
+        Network {
+            latency: Duration::from_millis(5),
+            regions: Vec::new(),
+            region_latency_ms: Vec::new(),
+            bandwidth_mbit: 100,
+            dial_failure: 0.0,
+            nat: 0.0,
+            hole_punch: 0.7,
+        }
+    }
+}
+
+/// `[churn]`: rounds in which a share of the nodes stops, events go out, and they come back.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Churn {
+    /// Share of the nodes (bootstrap nodes and relays excepted) that leave each round.
+    pub fraction: f64,
+    /// How long they stay away; they come back with their data.
+    #[serde(with = "humantime_serde")]
+    pub offline: Duration,
+    /// Rounds.
+    #[serde(default = "one_u32")]
+    pub rounds: u32,
+    /// Events published each round while they are away.
+    pub events: usize,
+}
+
+/// `[partition]`: the network splits into groups, events go out, then it heals.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Partition {
+    /// Groups (at least 2).
+    pub groups: u32,
+    /// How long the partition lasts.
+    #[serde(with = "humantime_serde")]
+    pub duration: Duration,
+    /// Events published during the partition, and again after it heals.
+    pub events: usize,
+}
+
+/// `[mail]`: recipients go offline, others mail them, they come back and read it.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Mail {
+    /// Recipients (relays excepted).
+    pub recipients: usize,
+    /// Messages to each, from random senders.
+    pub messages: usize,
+}
+
+fn one_u32() -> u32 {
+    1
 }
 
 fn one() -> usize {
@@ -85,6 +177,61 @@ impl Scenario {
                 "skills and servers_per_skill must be at least 1, and servers at most nodes".into(),
             );
         }
+        if self.relays > self.nodes / 2 {
+            return bad(format!("relays = {}: at most half the nodes", self.relays));
+        }
+        let n = &self.network;
+        for (what, p) in [
+            ("network.dial_failure", n.dial_failure),
+            ("network.nat", n.nat),
+            ("network.hole_punch", n.hole_punch),
+        ] {
+            if !(0.0..=1.0).contains(&p) {
+                return bad(format!("{what} = {p}: must be 0 to 1"));
+            }
+        }
+        if n.dial_failure > 0.5 {
+            return bad("network.dial_failure above 0.5 leaves no network to measure".into());
+        }
+        if n.nat > 0.0 && self.relays == 0 {
+            return bad(
+                "network.nat needs relays: nodes behind NAT reach others through them".into(),
+            );
+        }
+        if !n.regions.is_empty()
+            && (n.region_latency_ms.len() != n.regions.len()
+                || n.region_latency_ms
+                    .iter()
+                    .any(|r| r.len() != n.regions.len()))
+        {
+            return bad(format!(
+                "network.region_latency_ms must be a {0} x {0} matrix (one row per region)",
+                n.regions.len()
+            ));
+        }
+        if let Some(c) = &self.churn
+            && !(c.fraction > 0.0 && c.fraction < 1.0 && c.rounds > 0)
+        {
+            return bad("churn.fraction must be between 0 and 1, churn.rounds at least 1".into());
+        }
+        if let Some(p) = &self.partition
+            && (p.groups < 2 || p.groups as usize > self.nodes)
+        {
+            return bad("partition.groups must be 2 to nodes".into());
+        }
+        if let Some(m) = &self.mail {
+            if self.relays == 0 {
+                return bad("mail needs relays: they hold the mail of offline nodes".into());
+            }
+            if m.recipients == 0 || m.recipients > self.nodes - self.relays.max(self.bootstrap) {
+                return bad("mail.recipients must be 1 to the nodes that are not relays".into());
+            }
+        }
         Ok(())
+    }
+
+    /// Nodes with a public address: the bootstrap nodes and the relays, which come first.
+    pub fn public_nodes(&self) -> usize {
+        self.bootstrap.max(self.relays)
     }
 }

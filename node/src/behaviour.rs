@@ -5,8 +5,10 @@
 //! stream for pnet to wrap.
 
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 use std::time::Duration;
 
+use libp2p::core::transport::Boxed;
 use libp2p::core::upgrade::Version;
 use libp2p::gossipsub::{self, MessageAuthenticity, ValidationMode};
 use libp2p::identity::Keypair;
@@ -210,15 +212,41 @@ fn behaviour(
 }
 
 /// Which transports a node uses.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default)]
 #[non_exhaustive]
 pub enum TransportKind {
     /// TCP and QUIC (or TCP with pnet in a private mesh), behind DNS.
     #[default]
     Network,
     /// libp2p's in-process memory transport (`/memory/<port>` addresses), with the same Noise
-    /// and Yamux upgrades: many real nodes in one process, as netsim runs them.
+    /// and Yamux upgrades: many real nodes in one process.
     Memory,
+    /// A byte-stream transport supplied by the embedder, e.g. netsim's simulated network; the
+    /// node runs Noise and Yamux over it as over TCP.
+    Raw(RawTransport),
+}
+
+/// One byte stream of a [`RawTransport`].
+pub trait RawStream: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static {}
+
+impl<T: futures::AsyncRead + futures::AsyncWrite + Send + Unpin + 'static> RawStream for T {}
+
+/// A factory of raw byte-stream transports, called once per node start: the node's swarm owns
+/// the transport it gets.
+#[derive(Clone)]
+pub struct RawTransport(Arc<dyn Fn() -> Boxed<Box<dyn RawStream>> + Send + Sync>);
+
+impl RawTransport {
+    /// Wraps a factory.
+    pub fn new(make: impl Fn() -> Boxed<Box<dyn RawStream>> + Send + Sync + 'static) -> Self {
+        RawTransport(Arc::new(make))
+    }
+}
+
+impl std::fmt::Debug for RawTransport {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("RawTransport")
+    }
 }
 
 /// Builds the swarm for `config` with the node's key.
@@ -230,14 +258,22 @@ pub(crate) fn build_swarm(
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
     let idle = config.network.idle_timeout;
     let tcp_config = tcp::Config::default().nodelay(true);
-    if kind == TransportKind::Memory {
+    let raw: Option<Boxed<Box<dyn RawStream>>> = match kind {
+        TransportKind::Network => None,
+        TransportKind::Memory => Some(
+            libp2p::core::transport::MemoryTransport::default()
+                .map(|s, _| Box::new(s) as Box<dyn RawStream>)
+                .boxed(),
+        ),
+        TransportKind::Raw(make) => Some((make.0)()),
+    };
+    if let Some(raw) = raw {
         return Ok(SwarmBuilder::with_existing_identity(key)
             .with_tokio()
             .with_other_transport(|key| {
                 let noise = noise::Config::new(key)?;
                 Ok::<_, Box<dyn std::error::Error + Send + Sync>>(
-                    libp2p::core::transport::MemoryTransport::default()
-                        .upgrade(Version::V1Lazy)
+                    raw.upgrade(Version::V1Lazy)
                         .authenticate(noise)
                         .multiplex(yamux::Config::default())
                         .timeout(Duration::from_secs(20)),

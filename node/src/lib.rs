@@ -81,12 +81,12 @@ mod skills;
 pub mod store;
 mod wire;
 
-pub use behaviour::TransportKind;
+pub use behaviour::{RawStream, RawTransport, TransportKind};
 pub use discovery::{Found, Query};
 pub use error::{Error, Result};
 pub use event_loop::{ConnectionInfo, NatStatus, PublishReport, Reach};
 pub use events::{Delivered, PeerInfo, Subscription};
 pub use mail::{Delivery, Inbox, MAX_MESSAGE_BYTES, Message, SendReport};
-pub use node::{CallOptions, Node, NodeBuilder};
+pub use node::{CallOptions, LookupStats, Node, NodeBuilder};
 pub use skillmesh_protocol as protocol;
 pub use skills::{CallContext, HandlerError, HandlerFuture, SkillHandler};

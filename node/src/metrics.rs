@@ -35,6 +35,9 @@ pub(crate) struct NodeMetrics {
     pub(crate) peers: Gauge,
     pub(crate) events_received: Counter,
     pub(crate) events_rejected: Counter,
+    pub(crate) lookups: Counter,
+    pub(crate) lookup_requests: Counter,
+    pub(crate) lookup_failures: Counter,
 }
 
 impl NodeMetrics {
@@ -71,6 +74,9 @@ impl Metrics {
             peers: Gauge::default(),
             events_received: Counter::default(),
             events_rejected: Counter::default(),
+            lookups: Counter::default(),
+            lookup_requests: Counter::default(),
+            lookup_failures: Counter::default(),
         };
         sm.register(
             "calls",
@@ -96,6 +102,21 @@ impl Metrics {
             "events_rejected",
             "Gossip events rejected by validation",
             node.events_rejected.clone(),
+        );
+        sm.register(
+            "dht_lookups",
+            "Provider lookups (skill and tag searches) finished",
+            node.lookups.clone(),
+        );
+        sm.register(
+            "dht_lookup_requests",
+            "DHT requests sent by provider lookups",
+            node.lookup_requests.clone(),
+        );
+        sm.register(
+            "dht_lookup_failures",
+            "DHT requests of provider lookups that failed or timed out",
+            node.lookup_failures.clone(),
         );
         Metrics {
             registry: Arc::new(registry),

@@ -407,6 +407,17 @@ impl Node {
         self.find(Query::Skill(SkillName::new(name)?)).await
     }
 
+    /// Provider lookups (skill and tag searches) this node has finished, and the DHT requests
+    /// they took.
+    pub fn lookup_stats(&self) -> LookupStats {
+        let m = &self.inner.metrics;
+        LookupStats {
+            lookups: m.lookups.get(),
+            requests: m.lookup_requests.get(),
+            failures: m.lookup_failures.get(),
+        }
+    }
+
     /// Agents serving a skill with this tag.
     pub async fn find_tag(&self, tag: &str) -> Result<Vec<Found>> {
         self.find(Query::Tag(Tag::new(tag)?)).await
@@ -711,4 +722,16 @@ impl Node {
         self.inner.log.close().await;
         Ok(())
     }
+}
+
+/// What this node's DHT lookups cost, counted since it started.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize)]
+#[non_exhaustive]
+pub struct LookupStats {
+    /// Provider lookups finished.
+    pub lookups: u64,
+    /// Requests they sent to other nodes.
+    pub requests: u64,
+    /// Requests that failed or timed out.
+    pub failures: u64,
 }

@@ -206,6 +206,9 @@ pub(crate) struct EventLoop {
     topic_rate: HashMap<String, (u64, u32)>,
     presence: HashMap<PeerId, Presence>,
     presence_due: Option<Instant>,
+    /// Last presence sent to greet newcomers: bounds the greetings, since each one goes to the
+    /// whole mesh and every join would otherwise make all of the newcomer's peers announce.
+    greeted: Option<Instant>,
     event_seq: u64,
 }
 
@@ -262,6 +265,7 @@ impl EventLoop {
             topic_rate: HashMap::new(),
             presence: HashMap::new(),
             presence_due: None,
+            greeted: None,
             // Seeded from the clock so event ids stay unique across restarts.
             event_seq: now,
         }
@@ -875,9 +879,22 @@ impl EventLoop {
                 _ => {}
             },
             kad::Event::OutboundQueryProgressed {
-                id, result, step, ..
+                id,
+                result,
+                step,
+                stats,
             } => {
+                let lookup = matches!(self.queries.get(&id), Some(Pending::Providers(..)));
                 self.on_query(id, result, step.last);
+                if lookup && !self.queries.contains_key(&id) {
+                    self.metrics.lookups.inc();
+                    self.metrics
+                        .lookup_requests
+                        .inc_by(u64::from(stats.num_requests()));
+                    self.metrics
+                        .lookup_failures
+                        .inc_by(u64::from(stats.num_failures()));
+                }
             }
             _ => {}
         }
@@ -1092,9 +1109,14 @@ impl EventLoop {
             gossipsub::Event::Subscribed { topic, .. }
                 if topic.as_str() == self.mesh.presence_topic() =>
             {
-                // A newcomer: tell it about us soon (debounced with other newcomers).
-                let soon = Instant::now() + Duration::from_millis(300);
-                self.presence_due = Some(self.presence_due.map_or(soon, |t| t.min(soon)));
+                // A newcomer: tell it about us soon (debounced with other newcomers), at most
+                // once a quarter presence interval; it hears us later at our next announcement.
+                let spacing = self.config.gossip.presence_interval / 4;
+                if self.greeted.is_none_or(|t| t.elapsed() >= spacing) {
+                    self.greeted = Some(Instant::now());
+                    let soon = Instant::now() + Duration::from_millis(300);
+                    self.presence_due = Some(self.presence_due.map_or(soon, |t| t.min(soon)));
+                }
             }
             _ => {}
         }
