@@ -122,6 +122,8 @@ pub struct Report {
     pub call_success: f64,
     /// Call latency.
     pub calls: Latency,
+    /// The most common reasons calls failed, with counts.
+    pub call_errors: Vec<(String, usize)>,
     /// Direct and relayed connections after the calls.
     pub connections: Connections,
     /// Deliveries received / deliveries expected (every event at every other node).
@@ -184,6 +186,11 @@ impl Report {
             ),
             ("call success", pct(self.call_success)),
             ("call latency", lat(&self.calls)),
+        ];
+        for (e, n) in &self.call_errors {
+            rows.push(("  call failure", format!("{n} x {e}")));
+        }
+        rows.extend([
             (
                 "connections",
                 format!(
@@ -194,7 +201,7 @@ impl Report {
             ("gossip delivery", pct(self.gossip_delivery)),
             ("gossip latency", lat(&self.gossip)),
             ("gossip duplicates", self.gossip_duplicates.to_string()),
-        ];
+        ]);
         if let Some(x) = self.churn_delivery {
             rows.push(("churn delivery", pct(x)));
         }

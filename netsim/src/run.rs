@@ -83,9 +83,14 @@ impl Sim<'_> {
             self.bootstrap.clone()
         };
         c.network.mdns = false;
-        // Many nodes in one process: fewer connections each, and idle ones close sooner.
-        c.network.min_connections = 16;
-        c.network.max_connections = 40;
+        // Bootstrap nodes and relays are servers: everyone connects to them, and a full one
+        // would turn newcomers away. Idle connections close sooner than by default, to keep
+        // a thousand nodes in one process small.
+        if public {
+            c.network.min_connections = 64;
+            c.network.max_connections = (2 * s.nodes as u32).max(64);
+            c.network.max_pending = 256;
+        }
         c.network.idle_timeout = Duration::from_secs(30);
         c.dht.mode = if public || !self.placements[i].nat {
             KadMode::Server
@@ -195,7 +200,15 @@ impl Sim<'_> {
             self.published.insert(e, Instant::now());
             while let Err(err) = node.publish_json(TOPIC, &json!({ "e": e })).await {
                 if Instant::now() > deadline {
-                    return Err(SimError::Node(format!("event {e} never published: {err}")));
+                    let conns = node
+                        .nat_status()
+                        .await
+                        .map(|s| s.connections.len())
+                        .unwrap_or(0);
+                    return Err(SimError::Node(format!(
+                        "event {e} never published by node {p} ({}, {conns} connections): {err}",
+                        self.peers[p]
+                    )));
                 }
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
@@ -435,28 +448,37 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         })
         .collect();
     let progress = &sim.progress;
-    let results: Vec<(bool, Duration)> = stream::iter(calls)
+    let results: Vec<(Result<(), String>, Duration)> = stream::iter(calls)
         .enumerate()
         .map(|(n, (i, j, k))| {
             let (caller, callee) = (sim.nodes[i].clone(), sim.peers[j]);
             async move {
                 let t = Instant::now();
-                let ok = match caller {
-                    Some(c) => matches!(
-                        c.call(callee, &skill_name(k), json!({ "n": n })).await,
-                        Ok(v) if v == json!({ "n": n })
-                    ),
-                    None => false,
+                let outcome = match caller {
+                    Some(c) => match c.call(callee, &skill_name(k), json!({ "n": n })).await {
+                        Ok(v) if v == json!({ "n": n }) => Ok(()),
+                        Ok(v) => Err(format!("wrong answer {v}")),
+                        Err(e) => Err(e.to_string()),
+                    },
+                    None => Err("caller offline".to_owned()),
                 };
                 progress.tick();
-                (ok, t.elapsed())
+                (outcome, t.elapsed())
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    let call_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
-    let call_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let call_success = ratio(
+        results.iter().filter(|r| r.0.is_ok()).count(),
+        results.len(),
+    );
+    let call_samples: Vec<Duration> = results
+        .iter()
+        .filter(|r| r.0.is_ok())
+        .map(|r| r.1)
+        .collect();
+    let call_errors = top_errors(results.iter().filter_map(|r| r.0.as_ref().err()));
     let connections = connection_census(&sim).await;
 
     // Events with no faults: each must reach every other node once.
@@ -482,6 +504,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         gossip: Latency::of(&gossip_samples),
         gossip_duplicates,
         connections,
+        call_errors,
         ..Report::default()
     };
 
@@ -520,6 +543,18 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
     report.wall_secs = started.elapsed().as_secs_f64();
     sim.progress.finish();
     Ok(report)
+}
+
+/// The most common errors, with how often each came.
+fn top_errors<'a>(errors: impl Iterator<Item = &'a String>) -> Vec<(String, usize)> {
+    let mut count: HashMap<&str, usize> = HashMap::new();
+    for e in errors {
+        *count.entry(e.as_str()).or_insert(0) += 1;
+    }
+    let mut v: Vec<(String, usize)> = count.into_iter().map(|(e, n)| (e.to_owned(), n)).collect();
+    v.sort_by(|a, b| b.1.cmp(&a.1).then_with(|| a.0.cmp(&b.0)));
+    v.truncate(5);
+    v
 }
 
 fn to_ms(d: &[Duration]) -> Vec<f64> {

@@ -21,6 +21,27 @@ async fn smoke_20_finds_calls_and_delivers_everything() {
     assert_eq!(report.gossip_duplicates, 0);
 }
 
+#[tokio::test(flavor = "multi_thread")]
+async fn faults_30_nat_partition_and_mail() {
+    let report = skillmesh_netsim::run(&scenario("faults-30.toml"))
+        .await
+        .expect("run");
+    println!("{}", report.table());
+    assert!(report.behind_nat > 0);
+    assert_eq!(report.call_success, 1.0, "{report:?}");
+    assert!(report.gossip_delivery >= 0.99, "{report:?}");
+    // Nodes behind NAT hold reservations; some calls to them went through relay circuits or
+    // were hole-punched, and the model blocked direct dials into NATs.
+    assert!(report.connections.reservations > 0, "{report:?}");
+    assert!(report.dials.nat_blocked > 0, "{report:?}");
+    let p = report.partition.as_ref().expect("partition phase");
+    assert_eq!(p.cross_deliveries, 0, "{report:?}");
+    assert!(p.inside_delivery >= 0.99, "{report:?}");
+    assert!(report.dials.partitioned > 0, "{report:?}");
+    let m = report.mail.as_ref().expect("mail phase");
+    assert_eq!(m.delivered, m.sent, "{report:?}");
+}
+
 #[test]
 fn scenarios_are_checked() {
     let bad = |t: &str| skillmesh_netsim::Scenario::from_toml(t).is_err();

@@ -161,7 +161,10 @@ impl NodeBuilder {
             mail,
             prekeys,
         );
-        let task = tokio::spawn(event_loop.run());
+        // Every log line of this node's event loop names it: tests and netsim run many nodes in
+        // one process.
+        let span = tracing::info_span!("node", peer = %short_id(&signing.peer_id()));
+        let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), span));
         let fetcher = tokio::spawn(messenger.clone().run_fetcher());
         let node = Node {
             inner: Arc::new(Inner {
@@ -734,4 +737,10 @@ pub struct LookupStats {
     pub requests: u64,
     /// Requests that failed or timed out.
     pub failures: u64,
+}
+
+/// The last characters of a peer id: enough to tell nodes apart in logs.
+fn short_id(peer: &PeerId) -> String {
+    let s = peer.to_base58();
+    s[s.len().saturating_sub(6)..].to_owned()
 }

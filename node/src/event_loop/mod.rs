@@ -55,6 +55,13 @@ pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the connection count is checked against the watermarks.
 const TRIM_INTERVAL: Duration = Duration::from_secs(2);
+/// Connections younger than this are not trimmed.
+const TRIM_GRACE: Duration = Duration::from_secs(30);
+/// At most one DHT bootstrap this often when bootstrap peers connect (libp2p's Kademlia also
+/// bootstraps on its own every five minutes).
+const BOOTSTRAP_SPACING: Duration = Duration::from_secs(60);
+/// How soon a node with no connection at all tries again.
+const RECONNECT_SPACING: Duration = Duration::from_secs(5);
 /// Presence entries kept; the oldest go first.
 const MAX_PRESENCE: usize = 10_000;
 
@@ -175,6 +182,10 @@ pub(crate) struct EventLoop {
     /// Inbound calls being served, per peer: their connections are not trimmed.
     serving: HashMap<PeerId, u32>,
     last_trim: Instant,
+    /// When each connected peer's first open connection came up: trimming spares young ones.
+    peer_since: HashMap<PeerId, Instant>,
+    /// Last DHT bootstrap started because a bootstrap peer connected.
+    last_bootstrap: Option<Instant>,
     inbound: Arc<Inbound>,
     inflight: JoinSet<()>,
     metrics: NodeMetrics,
@@ -246,6 +257,8 @@ impl EventLoop {
             p2p_metrics,
             serving: HashMap::new(),
             last_trim: Instant::now(),
+            peer_since: HashMap::new(),
+            last_bootstrap: None,
             signing,
             registry,
             config,
@@ -494,6 +507,36 @@ impl EventLoop {
     /// Useful: peers in a gossip mesh (events flow through them), and peers with a call in
     /// flight either way. Without this, gossipsub keeps every connection alive and Kademlia
     /// dials nearly everyone (DESIGN §4).
+    /// A node whose connections all closed (idle timeouts, peers trimming it, a partition)
+    /// would stay alone: nothing else dials. Below a gossip mesh's worth of peers, it dials its
+    /// bootstrap peers and walks the DHT again, quickly when it has nobody, else now and then.
+    fn keep_connected(&mut self) {
+        let have = self.swarm.connected_peers().count();
+        let want = (self.config.gossip.mesh_n_low as usize).max(1);
+        if have >= want {
+            return;
+        }
+        let spacing = if have == 0 {
+            RECONNECT_SPACING
+        } else {
+            BOOTSTRAP_SPACING
+        };
+        if self.last_bootstrap.is_some_and(|t| t.elapsed() < spacing) {
+            return;
+        }
+        self.last_bootstrap = Some(Instant::now());
+        tracing::debug!(have, want, "few connections; bootstrapping again");
+        for addr in &self.config.network.bootstrap {
+            let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
+                continue;
+            };
+            if !self.swarm.is_connected(&peer) {
+                let _ = self.swarm.dial(addr.clone());
+            }
+        }
+        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+    }
+
     fn trim_connections(&mut self) {
         let net = &self.config.network;
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
@@ -509,9 +552,21 @@ impl EventLoop {
             .copied()
             .collect();
         let calling: HashSet<PeerId> = self.calls.values().map(|c| c.peer).collect();
+        // New connections get a grace period: they were opened for a reason (a lookup, a call
+        // about to be made), and closing them only makes someone dial again.
+        let young = |p: &PeerId| {
+            self.peer_since
+                .get(p)
+                .is_some_and(|t| t.elapsed() < TRIM_GRACE)
+        };
         let spare: Vec<PeerId> = connected
             .into_iter()
-            .filter(|p| !mesh.contains(p) && !calling.contains(p) && !self.serving.contains_key(p))
+            .filter(|p| {
+                !mesh.contains(p)
+                    && !calling.contains(p)
+                    && !self.serving.contains_key(p)
+                    && !young(p)
+            })
             .take(excess)
             .collect();
         tracing::debug!(closing = spare.len(), "above the connection high watermark");
@@ -606,6 +661,7 @@ impl EventLoop {
     }
 
     fn housekeeping(&mut self) {
+        self.keep_connected();
         if self.republish_due.is_some_and(|t| t <= Instant::now()) {
             self.republish_due = None;
             self.republish(None);
@@ -726,8 +782,16 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
             }
-            SwarmEvent::ConnectionClosed { connection_id, .. } => {
+            SwarmEvent::ConnectionClosed {
+                connection_id,
+                peer_id,
+                num_established,
+                ..
+            } => {
                 self.nat_connection_closed(connection_id);
+                if num_established == 0 {
+                    self.peer_since.remove(&peer_id);
+                }
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -736,12 +800,19 @@ impl EventLoop {
                 ..
             } => {
                 self.nat_connection(connection_id, peer_id, &endpoint);
+                self.peer_since.entry(peer_id).or_insert_with(Instant::now);
                 self.mail.messenger().connected(&peer_id);
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
                 }
-                if self.bootstrap.contains(&peer_id) {
-                    // Fill the routing table around us now that we know someone.
+                // Fill the routing table around us now that we know someone. Once in a while
+                // only: a bootstrap walks the whole table, and bootstrap peers connect often.
+                if self.bootstrap.contains(&peer_id)
+                    && self
+                        .last_bootstrap
+                        .is_none_or(|t| t.elapsed() >= BOOTSTRAP_SPACING)
+                {
+                    self.last_bootstrap = Some(Instant::now());
                     let _ = self.swarm.behaviour_mut().kad.bootstrap();
                 }
             }
