@@ -11,10 +11,10 @@
 //! cross-partition deliveries, mail delivery, dial outcomes, bytes and memory, as a table, JSON
 //! and an SVG of the latency CDFs. See DESIGN §11.
 //!
-//! Scale, honestly: 40 nodes with NAT, partitions or mail run in under a minute; at 100 nodes
-//! and beyond some connections to busy nodes close right after they open and lookups and calls
-//! start failing (see the README's netsim section), so the 200- to 1,000-node scenarios are
-//! shipped but do not pass yet.
+//! Scale, honestly: 40 nodes with NAT, partitions or mail and 100 nodes without faults run in
+//! under a minute; at 200 nodes the run is CPU-bound on two cores (a hundred thousand dials,
+//! each a Noise handshake) and lookups time out, so the 200- to 1,000-node scenarios are shipped
+//! but do not pass yet (see the README's netsim section).
 //!
 //! ```
 //! # #[tokio::main(flavor = "multi_thread")]

@@ -173,7 +173,8 @@ pub struct NetworkConfig {
     /// Low watermark: trimming stops here.
     pub min_connections: u32,
     /// High watermark: above it the least useful connections are closed, down to
-    /// `min_connections`; new connections are refused a quarter above it.
+    /// `min_connections` (sparing those younger than `trim_grace`); new connections are refused
+    /// at twice it.
     pub max_connections: u32,
     /// Connections being set up at once.
     pub max_pending: u32,
@@ -184,6 +185,10 @@ pub struct NetworkConfig {
     /// Close a connection idle for this long.
     #[serde(with = "humantime_serde")]
     pub idle_timeout: Duration,
+    /// Connections younger than this are not trimmed: they were opened for a lookup or a call,
+    /// and closing them only makes someone dial again.
+    #[serde(with = "humantime_serde")]
+    pub trim_grace: Duration,
 }
 
 impl Default for NetworkConfig {
@@ -205,6 +210,7 @@ impl Default for NetworkConfig {
             max_per_peer: 2,
             max_memory_mib: 0,
             idle_timeout: Duration::from_secs(60),
+            trim_grace: Duration::from_secs(30),
         }
     }
 }

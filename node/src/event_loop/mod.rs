@@ -16,7 +16,7 @@ use libp2p::kad::{
     self, GetClosestPeersOk, GetProvidersOk, GetRecordOk, QueryId, QueryResult, RecordKey,
 };
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::SwarmEvent;
+use libp2p::swarm::{ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key, mailbox_key, relay_key};
@@ -55,8 +55,6 @@ pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// How often the connection count is checked against the watermarks.
 const TRIM_INTERVAL: Duration = Duration::from_secs(2);
-/// Connections younger than this are not trimmed.
-const TRIM_GRACE: Duration = Duration::from_secs(30);
 /// At most one DHT bootstrap this often when bootstrap peers connect (libp2p's Kademlia also
 /// bootstraps on its own every five minutes).
 const BOOTSTRAP_SPACING: Duration = Duration::from_secs(60);
@@ -182,8 +180,9 @@ pub(crate) struct EventLoop {
     /// Inbound calls being served, per peer: their connections are not trimmed.
     serving: HashMap<PeerId, u32>,
     last_trim: Instant,
-    /// When each connected peer's first open connection came up: trimming spares young ones.
-    peer_since: HashMap<PeerId, Instant>,
+    /// When each connected peer last connected, called, answered or sent gossip: trimming
+    /// closes the longest idle first and spares those active within `trim_grace`.
+    last_active: HashMap<PeerId, Instant>,
     /// Last DHT bootstrap started because a bootstrap peer connected.
     last_bootstrap: Option<Instant>,
     inbound: Arc<Inbound>,
@@ -257,7 +256,7 @@ impl EventLoop {
             p2p_metrics,
             serving: HashMap::new(),
             last_trim: Instant::now(),
-            peer_since: HashMap::new(),
+            last_active: HashMap::new(),
             last_bootstrap: None,
             signing,
             registry,
@@ -554,21 +553,21 @@ impl EventLoop {
         let calling: HashSet<PeerId> = self.calls.values().map(|c| c.peer).collect();
         // New connections get a grace period: they were opened for a reason (a lookup, a call
         // about to be made), and closing them only makes someone dial again.
-        let young = |p: &PeerId| {
-            self.peer_since
-                .get(p)
-                .is_some_and(|t| t.elapsed() < TRIM_GRACE)
-        };
-        let spare: Vec<PeerId> = connected
+        let grace = net.trim_grace;
+        let active = |p: &PeerId| self.last_active.get(p).copied();
+        let mut spare: Vec<PeerId> = connected
             .into_iter()
             .filter(|p| {
                 !mesh.contains(p)
                     && !calling.contains(p)
                     && !self.serving.contains_key(p)
-                    && !young(p)
+                    && active(p).is_none_or(|t| t.elapsed() >= grace)
             })
-            .take(excess)
             .collect();
+        // The longest idle first: a peer that was just busy is likely to be busy again (a
+        // request of its may be on the way), and closing on it fails that request.
+        spare.sort_by_key(|p| active(p));
+        spare.truncate(excess);
         tracing::debug!(closing = spare.len(), "above the connection high watermark");
         for peer in spare {
             let _ = self.swarm.disconnect_peer_id(peer);
@@ -576,6 +575,9 @@ impl EventLoop {
     }
 
     fn send_call(&mut self, call: PendingCall) {
+        if let Some(t) = self.last_active.get_mut(&call.peer) {
+            *t = Instant::now();
+        }
         let b = self.swarm.behaviour_mut();
         let id = match call.proto {
             Proto::Call => b.calls.send_request(&call.peer, call.request.clone()),
@@ -782,6 +784,14 @@ impl EventLoop {
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listen_addrs.retain(|a| *a != address);
             }
+            SwarmEvent::IncomingConnectionError {
+                error: ListenError::Denied { cause },
+                peer_id,
+                ..
+            } => {
+                // The swarm reports these silently; a node at its limits should say so.
+                tracing::debug!(?peer_id, "inbound connection refused: {cause}");
+            }
             SwarmEvent::ConnectionClosed {
                 connection_id,
                 peer_id,
@@ -790,7 +800,7 @@ impl EventLoop {
             } => {
                 self.nat_connection_closed(connection_id);
                 if num_established == 0 {
-                    self.peer_since.remove(&peer_id);
+                    self.last_active.remove(&peer_id);
                 }
             }
             SwarmEvent::ConnectionEstablished {
@@ -800,7 +810,7 @@ impl EventLoop {
                 ..
             } => {
                 self.nat_connection(connection_id, peer_id, &endpoint);
-                self.peer_since.entry(peer_id).or_insert_with(Instant::now);
+                self.last_active.insert(peer_id, Instant::now());
                 self.mail.messenger().connected(&peer_id);
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
@@ -850,6 +860,11 @@ impl EventLoop {
     }
 
     fn on_requests(&mut self, proto: Proto, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        if let request_response::Event::Message { peer, .. } = &event
+            && let Some(t) = self.last_active.get_mut(peer)
+        {
+            *t = Instant::now();
+        }
         match event {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request {
@@ -1131,6 +1146,9 @@ impl EventLoop {
                 message_id,
                 message,
             } => {
+                if let Some(t) = self.last_active.get_mut(&propagation_source) {
+                    *t = Instant::now();
+                }
                 let topic = message.topic.as_str().to_owned();
                 let verdict = message.source.ok_or("unsigned message").and_then(|source| {
                     envelope::open::<Event>(&message.data, &Checks::now().signed_by(source))
