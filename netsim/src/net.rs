@@ -321,8 +321,15 @@ struct SimTransport {
 
 impl SimTransport {
     fn close_listener(&mut self) {
-        if self.listener.take().is_some()
-            && let Some(n) = self.net.lock().nodes.get_mut(self.node)
+        let Some((_, rx, _)) = self.listener.take() else {
+            return;
+        };
+        // Only our own registration: a restarted node's new transport may have registered
+        // already while this one is being dropped.
+        if let Some(n) = self.net.lock().nodes.get_mut(self.node)
+            && n.listener
+                .as_ref()
+                .is_some_and(|tx| tx.is_connected_to(&rx))
         {
             n.listener = None;
         }

@@ -64,6 +64,9 @@ struct Sim<'a> {
     relays: Vec<Multiaddr>,
     /// Skills each node serves, so a node that comes back serves them again.
     serves: Vec<Vec<usize>>,
+    /// Skills are published once every node is up (into the grown DHT, as in a network that
+    /// has been running a while); a node that restarts later publishes its own again.
+    publishing: bool,
     deliveries: Arc<Mutex<Deliveries>>,
     /// When each event went out.
     published: HashMap<u64, Instant>,
@@ -137,12 +140,10 @@ impl Sim<'_> {
         self.attach(i, node).await
     }
 
-    /// Gives a started node its skills and its event listener.
+    /// Gives a started node its event listener, and its skills once they are published.
     async fn attach(&mut self, i: usize, node: Node) -> Result<(), SimError> {
-        for &k in &self.serves[i] {
-            node.register_skill(spec(k)?, echo)
-                .await
-                .map_err(node_err)?;
+        if self.publishing {
+            self.register(i, &node).await?;
         }
         let mut sub = node.subscribe(TOPIC).await.map_err(node_err)?;
         let deliveries = self.deliveries.clone();
@@ -161,6 +162,15 @@ impl Sim<'_> {
         Ok(())
     }
 
+    async fn register(&self, i: usize, node: &Node) -> Result<(), SimError> {
+        for &k in &self.serves[i] {
+            node.register_skill(spec(k)?, echo)
+                .await
+                .map_err(node_err)?;
+        }
+        Ok(())
+    }
+
     async fn stop(&mut self, i: usize) {
         if let Some(l) = self.listeners[i].take() {
             l.abort();
@@ -168,6 +178,15 @@ impl Sim<'_> {
         if let Some(n) = self.nodes[i].take() {
             let _ = n.shutdown().await;
         }
+    }
+
+    /// DHT requests all live nodes' lookups have sent so far.
+    fn lookup_requests(&self) -> u64 {
+        self.nodes
+            .iter()
+            .flatten()
+            .map(|n| n.lookup_stats().requests)
+            .sum()
     }
 
     fn up(&self) -> Vec<usize> {
@@ -342,6 +361,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         bootstrap: Vec::new(),
         relays: Vec::new(),
         serves: vec![Vec::new(); s.nodes],
+        publishing: false,
         deliveries: Arc::default(),
         published: HashMap::new(),
         next_event: 0,
@@ -386,17 +406,20 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         next = end;
     }
     let startup_secs = started.elapsed().as_secs_f64();
+    sim.progress.phase("publish", s.nodes);
+    sim.publishing = true;
+    for i in 0..s.nodes {
+        if let Some(node) = &sim.nodes[i] {
+            sim.register(i, node).await?;
+        }
+        sim.progress.tick();
+    }
     sim.progress.phase("settle", 0);
     tokio::time::sleep(s.settle).await;
 
     // Lookups: a random node looks for a random skill; success = every server found.
     sim.progress.phase("lookups", s.lookups);
-    let before: u64 = sim
-        .up()
-        .iter()
-        .filter_map(|&i| sim.nodes[i].as_ref())
-        .map(|n| n.lookup_stats().requests)
-        .sum();
+    let before = sim.lookup_requests();
     let lookups: Vec<(usize, usize)> = (0..s.lookups)
         .map(|_| (rng.random_range(0..s.nodes), rng.random_range(0..s.skills)))
         .collect();
@@ -424,12 +447,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    let after: u64 = sim
-        .up()
-        .iter()
-        .filter_map(|&i| sim.nodes[i].as_ref())
-        .map(|n| n.lookup_stats().requests)
-        .sum();
+    let after = sim.lookup_requests();
     let discovery_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
     let discovery_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
     let lookup_requests = if results.is_empty() {

@@ -93,31 +93,35 @@ impl Metrics {
             "Peers with an open connection",
             node.peers.clone(),
         );
-        sm.register(
-            "events_received",
-            "Gossip events delivered to this node",
-            node.events_received.clone(),
-        );
-        sm.register(
-            "events_rejected",
-            "Gossip events rejected by validation",
-            node.events_rejected.clone(),
-        );
-        sm.register(
-            "dht_lookups",
-            "Provider lookups (skill and tag searches) finished",
-            node.lookups.clone(),
-        );
-        sm.register(
-            "dht_lookup_requests",
-            "DHT requests sent by provider lookups",
-            node.lookup_requests.clone(),
-        );
-        sm.register(
-            "dht_lookup_failures",
-            "DHT requests of provider lookups that failed or timed out",
-            node.lookup_failures.clone(),
-        );
+        for (name, help, counter) in [
+            (
+                "events_received",
+                "Gossip events delivered to this node",
+                &node.events_received,
+            ),
+            (
+                "events_rejected",
+                "Gossip events rejected by validation",
+                &node.events_rejected,
+            ),
+            (
+                "dht_lookups",
+                "Provider lookups (skill and tag searches) finished",
+                &node.lookups,
+            ),
+            (
+                "dht_lookup_requests",
+                "DHT requests sent by provider lookups",
+                &node.lookup_requests,
+            ),
+            (
+                "dht_lookup_failures",
+                "DHT requests of provider lookups that failed or timed out",
+                &node.lookup_failures,
+            ),
+        ] {
+            sm.register(name, help, counter.clone());
+        }
         Metrics {
             registry: Arc::new(registry),
             node,
