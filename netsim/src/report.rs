@@ -83,6 +83,8 @@ pub struct MailOutcome {
     pub delivered: u64,
     /// `delivered / sent`.
     pub delivery: f64,
+    /// From the recipient's return to reading a message.
+    pub after_return: Latency,
 }
 
 /// Raw latencies in milliseconds, for plots.
@@ -232,14 +234,7 @@ impl Report {
                     pct(m.delivery)
                 ),
             ));
-            let mut ms: Vec<Duration> = self
-                .samples
-                .mail_ms
-                .iter()
-                .map(|&x| Duration::from_secs_f64(x / 1e3))
-                .collect();
-            ms.sort();
-            rows.push(("mail after return", lat(&Latency::of(&ms))));
+            rows.push(("mail after return", lat(&m.after_return)));
         }
         rows.extend([
             (

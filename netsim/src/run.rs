@@ -792,6 +792,7 @@ async fn mail(
             failed_to_send: failed,
             delivered,
             delivery: ratio(delivered as usize, total),
+            after_return: Latency::of(&samples),
         },
         samples,
     ))

@@ -188,6 +188,16 @@ pub(crate) fn init_tracing(verbose: u8, quiet: bool) {
         .try_init();
 }
 
+/// The strings of a JSON array (empty for anything else).
+fn strings(value: &serde_json::Value) -> Vec<&str> {
+    value
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(serde_json::Value::as_str)
+        .collect()
+}
+
 fn print_json(value: &serde_json::Value) {
     println!(
         "{}",

@@ -4,7 +4,7 @@
 use serde_json::{Value, json};
 
 use super::client::Api;
-use super::{CliError, Context, print_json};
+use super::{CliError, Context, print_json, strings};
 
 #[derive(clap::Args, Debug)]
 pub(crate) struct Args {
@@ -35,12 +35,7 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
     match &r["delivery"] {
         Value::String(d) if d == "direct" => println!("delivered directly (seq {})", r["seq"]),
         d => {
-            let held: Vec<&str> = d["deposited"]
-                .as_array()
-                .into_iter()
-                .flatten()
-                .filter_map(Value::as_str)
-                .collect();
+            let held = strings(&d["deposited"]);
             println!(
                 "recipient offline; held by {} mailbox(es): {} (seq {})",
                 held.len(),

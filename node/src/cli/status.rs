@@ -3,7 +3,7 @@
 use serde_json::Value;
 
 use super::client::Api;
-use super::{CliError, Context, print_json};
+use super::{CliError, Context, print_json, strings};
 
 pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
     let api = Api::connect(ctx)?;
@@ -79,12 +79,7 @@ pub(crate) async fn peers(ctx: &Context) -> Result<(), CliError> {
         println!("no peers yet");
     }
     for p in list {
-        let skills: Vec<&str> = p["skills"]
-            .as_array()
-            .into_iter()
-            .flatten()
-            .filter_map(Value::as_str)
-            .collect();
+        let skills = strings(&p["skills"]);
         println!(
             "{} {:<20} {:<10} {}",
             p["peer_id"].as_str().unwrap_or("?"),
