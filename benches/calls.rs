@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
-//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, startup, rss
+//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, mail, startup, rss
 //! ```
 //!
 //! Both sides of each comparison run in this process, over the same transport, with the same
@@ -411,6 +411,114 @@ async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
     callee.shutdown().await.ok();
 }
 
+/// Mail to an offline agent: `n` messages of 1 KiB deposited at a mailbox relay (each
+/// encrypted, signed, refused by the absent recipient, committed durably by the relay), then
+/// the recipient's return: fetch, verify, decrypt, in order.
+async fn mailbox(n: usize, rows: &mut Vec<Row>) {
+    let relay_dir = tempfile::tempdir().expect("tempdir");
+    let mut rc = config(Net::Tcp, vec![]);
+    rc.relay.enabled = true;
+    rc.relay.mailbox = true;
+    let relay = Node::builder(rc)
+        .data_dir(relay_dir.path())
+        .build()
+        .await
+        .expect("relay");
+    let relay_addrs = relay.listen_addrs().await.expect("addrs");
+    let agent = |dir: &std::path::Path| {
+        let mut c = config(Net::Tcp, relay_addrs.clone());
+        c.mail.mailboxes = relay_addrs.clone();
+        c.mail.direct_timeout = Duration::from_millis(500);
+        c.mail.max_inbox = n as u64 * 2;
+        Node::builder(c).data_dir(dir.to_owned()).build()
+    };
+    let (sd, rd) = (
+        tempfile::tempdir().expect("dir"),
+        tempfile::tempdir().expect("dir"),
+    );
+    let sender = agent(sd.path()).await.expect("sender");
+    let recipient = agent(rd.path()).await.expect("recipient");
+    recipient.fetch_mail().await; // picks its mailbox, republishes its card with prekeys
+    let to = recipient.peer_id();
+    let visible = Instant::now();
+    while !sender
+        .card(to)
+        .await
+        .ok()
+        .flatten()
+        .is_some_and(|c| c.prekeys.is_some() && !c.mailboxes.is_empty())
+    {
+        assert!(
+            visible.elapsed() < Duration::from_secs(10),
+            "recipient card not visible"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    recipient.shutdown().await.ok();
+    drop(recipient);
+
+    let payload = vec![0x61u8; 1024];
+    let t = Instant::now();
+    let mut sends: Vec<_> = Vec::new();
+    for _ in 0..n {
+        let (sender, payload) = (sender.clone(), payload.clone());
+        sends.push(tokio::spawn(async move {
+            matches!(
+                sender.send(to, &payload).await.map(|r| r.delivery),
+                Ok(skillmesh::Delivery::Deposited(_))
+            )
+        }));
+    }
+    let mut deposited = 0;
+    for s in sends {
+        deposited += usize::from(s.await.unwrap_or(false));
+    }
+    let deposit_rate = deposited as f64 / t.elapsed().as_secs_f64();
+
+    let recipient = agent(rd.path()).await.expect("recipient again");
+    let t = Instant::now();
+    let mut read = 0;
+    while read < deposited && t.elapsed() < Duration::from_secs(60) {
+        recipient.fetch_mail().await;
+        while let Ok(Some(m)) = recipient.try_next_message().await {
+            assert_eq!(m.data.len(), 1024);
+            read += 1;
+        }
+    }
+    let fetch_rate = read as f64 / t.elapsed().as_secs_f64();
+    rows.push(Row {
+        what: format!("mail deposits to an offline agent (1 KiB, {n}), /s"),
+        skillmesh: format!("{deposit_rate:.0}"),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "",
+    });
+    rows.push(Row {
+        what: "  deposited durably / sent".into(),
+        skillmesh: format!("{deposited}/{n}"),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "all",
+    });
+    rows.push(Row {
+        what: "mail fetch + verify + decrypt on return (1 KiB), /s".into(),
+        skillmesh: format!("{fetch_rate:.0}"),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "",
+    });
+    rows.push(Row {
+        what: "  read / deposited".into(),
+        skillmesh: format!("{read}/{deposited}"),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "all",
+    });
+    for node in [&sender, &recipient, &relay] {
+        node.shutdown().await.ok();
+    }
+}
+
 async fn startup(n: usize, rows: &mut Vec<Row>) {
     let d1 = tempfile::tempdir().expect("tempdir");
     let boot_node = Node::builder(config(Net::Tcp, vec![]))
@@ -507,7 +615,7 @@ fn idle_rss(rows: &mut Vec<Row>) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only NAME` runs one group: sequential, in-flight, cold, startup, rss.
+    // `--only NAME` runs one group: sequential, in-flight, cold, mail, startup, rss.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -530,6 +638,9 @@ async fn main() {
         if run("cold") {
             cold(net, cold_n, &mut rows).await;
         }
+    }
+    if run("mail") {
+        mailbox(if quick { 200 } else { 1000 }, &mut rows).await;
     }
     if run("startup") {
         startup(cold_n, &mut rows).await;

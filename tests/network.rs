@@ -490,3 +490,74 @@ async fn discovery_and_calls_work_over_the_memory_transport() {
     assert!(boot.iter().all(|a| a.to_string().starts_with("/memory/")));
     serving(&nodes[1], &nodes[2]).await;
 }
+
+/// Calls to one peer share a pipe: they run at once, answer in any order, and the late answer
+/// of a call that timed out is never taken for another call's.
+#[tokio::test]
+async fn calls_to_one_peer_run_at_once_and_answer_out_of_order() {
+    let nodes = mesh(1, |_| {}).await;
+    let (caller, callee) = (&nodes[1], &nodes[0]);
+    let spec = SkillSpec::builder("nap", "1.0.0")
+        .share(ShareMode::Public)
+        .max_concurrency(64)
+        .build()
+        .expect("spec");
+    callee
+        .register_skill(spec, |_ctx: CallContext, args: Value| async move {
+            let ms = args["ms"].as_u64().ok_or("ms must be a number")?;
+            tokio::time::sleep(Duration::from_millis(ms)).await;
+            Ok::<_, HandlerError>(json!({ "slept": ms, "id": args["id"] }))
+        })
+        .await
+        .expect("register");
+    let to = callee.peer_id();
+    let nap = |ms: u64, id: u64| caller.call(to, "nap", json!({"ms": ms, "id": id}));
+
+    // A slow call first, then quick ones: the quick ones do not wait behind it.
+    let started = std::time::Instant::now();
+    let slow = nap(800, 0);
+    let quick = libp2p::futures::future::join_all((1..=20).map(|i| nap(10, i)));
+    let (slow, quick) = tokio::join!(
+        async {
+            let r = slow.await;
+            (r, started.elapsed())
+        },
+        async {
+            let r = quick.await;
+            (r, started.elapsed())
+        }
+    );
+    for (i, r) in quick.0.into_iter().enumerate() {
+        let out = r.expect("quick call");
+        assert_eq!(
+            out["id"],
+            json!(i as u64 + 1),
+            "each answer goes to its own call"
+        );
+    }
+    assert!(slow.0.expect("slow call")["slept"] == json!(800));
+    assert!(
+        quick.1 < slow.1,
+        "quick calls answered in {:?}, after the slow one ({:?})",
+        quick.1,
+        slow.1
+    );
+
+    // A call that gives up before its answer: the answer comes later and must go nowhere.
+    let gave_up = caller
+        .call_with(
+            to,
+            "nap",
+            json!({"ms": 300, "id": 99}),
+            skillmesh::CallOptions {
+                timeout: Some(Duration::from_millis(100)),
+                ..Default::default()
+            },
+        )
+        .await;
+    assert!(matches!(gave_up, Err(Error::Timeout(_))), "{gave_up:?}");
+    for id in 100..105 {
+        let out = nap(100, id).await.expect("call after a timeout");
+        assert_eq!(out["id"], json!(id));
+    }
+}

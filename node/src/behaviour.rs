@@ -24,9 +24,7 @@ use libp2p::{
 };
 use sha2::{Digest, Sha256};
 use skillmesh_protocol::Kind;
-use skillmesh_protocol::keys::{
-    CALL_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAILBOX_PROTOCOL,
-};
+use skillmesh_protocol::keys::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAILBOX_PROTOCOL};
 use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
 use crate::config::{Config, KadMode, Reachability};
@@ -48,7 +46,8 @@ pub(crate) struct Behaviour {
     pub(crate) ping: ping::Behaviour,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
-    pub(crate) calls: request_response::Behaviour<FrameCodec>,
+    /// Call pipes: streams handed straight to the calling and serving tasks.
+    pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) relay: Toggle<relay::Behaviour>,
@@ -143,15 +142,6 @@ fn behaviour(
         )
         .map_err(|e| Error::Transport(format!("gossipsub scoring: {e}")))?;
 
-    let calls = request_response::Behaviour::with_codec(
-        FrameCodec::new(Kind::Call.max_envelope(), Kind::CallResult.max_envelope()),
-        [(StreamProtocol::new(CALL_PROTOCOL), ProtocolSupport::Full)],
-        request_response::Config::default()
-            // The caller's own timeout is shorter; this bounds a stream no matter what.
-            .with_request_timeout(skillmesh_protocol::MAX_CALL_WINDOW + Duration::from_secs(10))
-            .with_max_concurrent_streams(config.calls.max_inbound as usize + 64),
-    );
-
     let mailbox = request_response::Behaviour::with_codec(
         FrameCodec::new(MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES),
         [(StreamProtocol::new(MAILBOX_PROTOCOL), ProtocolSupport::Full)],
@@ -202,7 +192,7 @@ fn behaviour(
         ping: ping::Behaviour::default(),
         kad,
         gossipsub,
-        calls,
+        streams: libp2p_stream::Behaviour::new(),
         mailbox,
         mdns: mdns.into(),
         relay: relay.into(),

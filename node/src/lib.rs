@@ -77,6 +77,7 @@ pub mod identity;
 pub mod mail;
 mod metrics;
 mod node;
+mod pipe;
 mod skills;
 pub mod store;
 mod wire;

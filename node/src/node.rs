@@ -16,7 +16,7 @@ use skillmesh_protocol::{
     MAX_OUTPUT_BYTES, MeshName, Mode, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
     ValidationError, from_cbor, to_cbor,
 };
-use tokio::sync::{mpsc, oneshot};
+use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
 use crate::behaviour::{TransportKind, build_swarm};
@@ -31,6 +31,7 @@ use crate::identity::Identity;
 use crate::mail::service::MailService;
 use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
+use crate::pipe::{self, Activity, Pipes, ServeLimits};
 use crate::skills::{Registered, Registry, SkillHandler};
 use crate::store::{CallLogEntry, Direction, STORE_FILE, Store};
 
@@ -129,6 +130,22 @@ impl NodeBuilder {
         ));
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
+        // Every log line of this node names it: tests and netsim run many nodes in one process.
+        let span = tracing::info_span!("node", peer = %short_id(&signing.peer_id()));
+        let control = swarm.behaviour().streams.new_control();
+        let activity = Arc::new(Activity::default());
+        let (stop_serving, serving) = watch::channel(false);
+        tokio::spawn(tracing::Instrument::instrument(
+            pipe::serve(
+                control.clone(),
+                inbound.clone(),
+                activity.clone(),
+                ServeLimits::new(config.calls.max_inbound, config.calls.max_inbound_per_peer),
+                serving,
+            ),
+            span.clone(),
+        ));
+        let pipes = Pipes::new(control, activity.clone(), tx.downgrade());
         let secret = identity
             .keypair()
             .clone()
@@ -151,7 +168,7 @@ impl NodeBuilder {
         let event_loop = EventLoop::new(
             swarm,
             rx,
-            inbound.clone(),
+            (activity, stop_serving),
             signing.clone(),
             registry.clone(),
             config.clone(),
@@ -161,9 +178,6 @@ impl NodeBuilder {
             mail,
             prekeys,
         );
-        // Every log line of this node's event loop names it: tests and netsim run many nodes in
-        // one process.
-        let span = tracing::info_span!("node", peer = %short_id(&signing.peer_id()));
         let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), span));
         let fetcher = tokio::spawn(messenger.clone().run_fetcher());
         let node = Node {
@@ -177,6 +191,7 @@ impl NodeBuilder {
                 commands: tx,
                 log,
                 inbound: inbound.clone(),
+                pipes,
                 metrics: metrics.node,
                 registry_metrics: metrics.registry,
                 event_seq: AtomicU64::new(Timestamp::now().as_millis()),
@@ -264,6 +279,7 @@ struct Inner {
     commands: mpsc::Sender<Command>,
     log: CallLog,
     inbound: Arc<Inbound>,
+    pipes: Arc<Pipes>,
     metrics: NodeMetrics,
     registry_metrics: Arc<prometheus_client::registry::Registry>,
     event_seq: AtomicU64,
@@ -588,16 +604,9 @@ impl Node {
                 .await
                 .map_err(|_| Error::Timeout(timeout))?
         } else {
-            tokio::time::timeout(
-                timeout,
-                self.request(|reply| Command::Call {
-                    peer,
-                    request,
-                    reply,
-                }),
-            )
-            .await
-            .map_err(|_| Error::Timeout(timeout))???
+            tokio::time::timeout(timeout, self.inner.pipes.call(peer, request))
+                .await
+                .map_err(|_| Error::Timeout(timeout))??
         };
         read_result(&response, peer, self.inner.peer_id, call_id)
     }

@@ -49,8 +49,11 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
         ));
     }
     let len = u32::try_from(data.len()).map_err(io::Error::other)?;
-    io.write_all(&len.to_be_bytes()).await?;
-    io.write_all(data).await?;
+    // One write: two would go out as two stream frames, each its own packet.
+    let mut frame = Vec::with_capacity(4 + data.len());
+    frame.extend_from_slice(&len.to_be_bytes());
+    frame.extend_from_slice(data);
+    io.write_all(&frame).await?;
     io.flush().await
 }
 

@@ -9,8 +9,8 @@ use crate::skill::{SkillName, Tag};
 
 /// Kademlia protocol of skillmesh meshes; never the public IPFS DHT.
 pub const KAD_PROTOCOL: &str = "/skillmesh/kad/1.0.0";
-/// Skill calls (request-response).
-pub const CALL_PROTOCOL: &str = "/skillmesh/call/1";
+/// Skill calls: long-lived streams of tagged frames (call pipes).
+pub const CALL_PROTOCOL: &str = "/skillmesh/call/2";
 /// Store-and-forward mail (request-response).
 pub const MAILBOX_PROTOCOL: &str = "/skillmesh/mailbox/1";
 /// The `protocol_version` skillmesh nodes announce in identify.

@@ -1,9 +1,10 @@
 //! The event loop: the one task that owns the libp2p Swarm (STYLE 1).
 //!
 //! Everything else talks to it through [`Command`]s carrying a oneshot reply. Pending work sits
-//! in maps keyed by kad query ids and request ids. Inbound calls are checked and run in their
-//! own tasks (signature checks and handlers never stall the loop) and their answers come back on
-//! a bounded channel to be sent on the swarm.
+//! in maps keyed by kad query ids and request ids. Skill calls do not pass through here: they
+//! ride call pipes ([`crate::pipe`]), streams between the calling task and the connection; the
+//! loop only connects to a callee first. Inbound mailbox requests run in their own tasks and
+//! their answers come back on a bounded channel to be sent on the swarm.
 
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
@@ -16,30 +17,30 @@ use libp2p::kad::{
     self, GetClosestPeersOk, GetProvidersOk, GetRecordOk, QueryId, QueryResult, RecordKey,
 };
 use libp2p::request_response::{self, OutboundFailure, OutboundRequestId, ResponseChannel};
-use libp2p::swarm::{ListenError, SwarmEvent};
+use libp2p::swarm::dial_opts::{DialOpts, PeerCondition};
+use libp2p::swarm::{DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key, mailbox_key, relay_key};
 use skillmesh_protocol::{AgentCard, Event, MeshName, PrekeyBundle, SigningKey, Timestamp};
-use tokio::sync::{broadcast, mpsc, oneshot};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
 use crate::behaviour::{Behaviour, BehaviourEvent};
-use crate::calls::Inbound;
 use crate::config::Config;
 use crate::discovery::{CardExtras, build_card, provider_keys, verify_card_record};
 use crate::error::{Error, Result};
 use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
 use crate::mail::service::MailService;
 use crate::metrics::NodeMetrics;
+use crate::pipe::Activity;
 use crate::skills::{self, Registry};
 
 mod nat;
 pub use nat::{ConnectionInfo, NatStatus, Reach};
 
-/// An answer to an inbound request, ready to send.
+/// An answer to an inbound mailbox request, ready to send.
 struct Response {
-    proto: Proto,
     peer: PeerId,
     channel: ResponseChannel<Vec<u8>>,
     response: Vec<u8>,
@@ -47,7 +48,7 @@ struct Response {
 
 /// Commands waiting for the loop; senders wait (backpressure) when it is full.
 pub(crate) const COMMAND_BUFFER: usize = 1024;
-/// Answers of inbound calls waiting to be sent.
+/// Answers of inbound mailbox requests waiting to be sent.
 const RESPONSE_BUFFER: usize = 1024;
 /// Providers one lookup collects before it stops.
 pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
@@ -84,10 +85,10 @@ pub(crate) enum Command {
         peer: PeerId,
         reply: oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
     },
-    Call {
+    /// Replies once connected to `peer`, looking it up in the DHT if its known addresses fail.
+    Connect {
         peer: PeerId,
-        request: Vec<u8>,
-        reply: oneshot::Sender<Result<Vec<u8>>>,
+        reply: oneshot::Sender<Result<()>>,
     },
     Mailbox {
         peer: PeerId,
@@ -136,18 +137,18 @@ pub struct PublishReport {
     pub keys_replicated: usize,
 }
 
-/// Which request-response protocol a request rides.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
-enum Proto {
-    Call,
-    Mailbox,
-}
-
-struct PendingCall {
-    proto: Proto,
+/// A mailbox request on its way.
+struct PendingRequest {
     peer: PeerId,
     request: Vec<u8>,
     reply: oneshot::Sender<Result<Vec<u8>>>,
+    looked_up: bool,
+}
+
+/// Calls waiting for a connection to their callee.
+struct Connecting {
+    waiters: Vec<oneshot::Sender<Result<()>>>,
+    /// Whether the DHT was asked already: a second failure is final.
     looked_up: bool,
 }
 
@@ -164,9 +165,10 @@ enum Pending {
         Option<Box<(AgentCard, Vec<u8>)>>,
         oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
     ),
-    PeerLookup(PeerId, Vec<PendingCall>),
-    /// Addresses from the peer's card, then calls to retry with them.
-    PeerCard(PeerId, Vec<Multiaddr>, Vec<PendingCall>),
+    /// Where the peer is, then requests to retry (and connections to make) with it.
+    PeerLookup(PeerId, Vec<PendingRequest>),
+    /// Addresses from the peer's card, then requests to retry (and connections to make).
+    PeerCard(PeerId, Vec<Multiaddr>, Vec<PendingRequest>),
     Relays(HashSet<PeerId>),
     Publish(u64, bool),
 }
@@ -177,15 +179,20 @@ pub(crate) struct EventLoop {
     responses_tx: mpsc::Sender<Response>,
     responses_rx: mpsc::Receiver<Response>,
     mail: Arc<MailService>,
-    /// Inbound calls being served, per peer: their connections are not trimmed.
+    /// Inbound mailbox requests being served, per peer: their connections are not trimmed.
     serving: HashMap<PeerId, u32>,
+    /// Calls on pipes, both ways: their peers' connections are not trimmed either.
+    activity: Arc<Activity>,
+    /// Tells the call pipe server to stop taking calls.
+    stop_serving: watch::Sender<bool>,
+    /// Calls waiting to be connected to their callee.
+    connecting: HashMap<PeerId, Connecting>,
     last_trim: Instant,
     /// When each connected peer last connected, called, answered or sent gossip: trimming
     /// closes the longest idle first and spares those active within `trim_grace`.
     last_active: HashMap<PeerId, Instant>,
     /// Last DHT bootstrap started because a bootstrap peer connected.
     last_bootstrap: Option<Instant>,
-    inbound: Arc<Inbound>,
     inflight: JoinSet<()>,
     metrics: NodeMetrics,
     p2p_metrics: libp2p::metrics::Metrics,
@@ -202,7 +209,7 @@ pub(crate) struct EventLoop {
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
     connected_waiters: Vec<oneshot::Sender<()>>,
 
-    calls: HashMap<(Proto, OutboundRequestId), PendingCall>,
+    requests: HashMap<OutboundRequestId, PendingRequest>,
     prekeys: Option<PrekeyBundle>,
     mailboxes: Vec<PeerId>,
     republish_due: Option<Instant>,
@@ -227,7 +234,7 @@ impl EventLoop {
     pub(crate) fn new(
         swarm: Swarm<Behaviour>,
         commands: mpsc::Receiver<Command>,
-        inbound: Arc<Inbound>,
+        (activity, stop_serving): (Arc<Activity>, watch::Sender<bool>),
         signing: SigningKey,
         registry: Registry,
         config: Arc<Config>,
@@ -250,7 +257,9 @@ impl EventLoop {
             mailboxes: Vec::new(),
             republish_due: None,
             nat: nat::Nat::new(config.nat.reachability),
-            inbound,
+            activity,
+            stop_serving,
+            connecting: HashMap::new(),
             inflight: JoinSet::new(),
             metrics,
             p2p_metrics,
@@ -269,7 +278,7 @@ impl EventLoop {
             listen_addrs: Vec::new(),
             listen_waiters: Vec::new(),
             connected_waiters: Vec::new(),
-            calls: HashMap::new(),
+            requests: HashMap::new(),
             queries: HashMap::new(),
             groups: HashMap::new(),
             next_group: 0,
@@ -326,11 +335,17 @@ impl EventLoop {
             listeners = listeners.len(),
             "shutting down"
         );
+        let _ = self.stop_serving.send(true);
         let deadline = tokio::time::sleep(SHUTDOWN_GRACE);
         tokio::pin!(deadline);
-        while !self.inflight.is_empty() {
+        let activity = self.activity.clone();
+        let piped = activity.served();
+        tokio::pin!(piped);
+        let mut piped_done = activity.serving() == 0;
+        while !self.inflight.is_empty() || !piped_done {
             tokio::select! {
                 _ = &mut deadline => break,
+                _ = &mut piped, if !piped_done => piped_done = true,
                 Some(_) = self.inflight.join_next() => {}
                 Some(r) = self.responses_rx.recv() => self.respond(r),
                 _ = self.swarm.select_next_some() => {}
@@ -343,8 +358,13 @@ impl EventLoop {
         self.inflight.abort_all();
         // Aborted tasks still hold the store until they are polled out.
         while self.inflight.join_next().await.is_some() {}
-        for (_, call) in self.calls.drain() {
-            let _ = call.reply.send(Err(Error::ShutDown));
+        for (_, r) in self.requests.drain() {
+            let _ = r.reply.send(Err(Error::ShutDown));
+        }
+        for (_, c) in self.connecting.drain() {
+            for w in c.waiters {
+                let _ = w.send(Err(Error::ShutDown));
+            }
         }
     }
 
@@ -386,26 +406,13 @@ impl EventLoop {
                     .get_record(RecordKey::new(&card_key(&peer)));
                 self.queries.insert(id, Pending::Card(peer, None, reply));
             }
-            Command::Call {
-                peer,
-                request,
-                reply,
-            } => {
-                self.send_call(PendingCall {
-                    proto: Proto::Call,
-                    peer,
-                    request,
-                    reply,
-                    looked_up: false,
-                });
-            }
+            Command::Connect { peer, reply } => self.connect(peer, reply),
             Command::Mailbox {
                 peer,
                 request,
                 reply,
             } => {
-                self.send_call(PendingCall {
-                    proto: Proto::Mailbox,
+                self.send_request(PendingRequest {
                     peer,
                     request,
                     reply,
@@ -484,7 +491,6 @@ impl EventLoop {
 
     fn respond(&mut self, r: Response) {
         let Response {
-            proto,
             peer,
             channel,
             response,
@@ -495,11 +501,11 @@ impl EventLoop {
                 self.serving.remove(&peer);
             }
         }
-        let b = self.swarm.behaviour_mut();
-        let _ = match proto {
-            Proto::Call => b.calls.send_response(channel, response),
-            Proto::Mailbox => b.mailbox.send_response(channel, response),
-        };
+        let _ = self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_response(channel, response);
     }
 
     /// Above the high watermark, closes the least useful connections down to the low one.
@@ -550,11 +556,12 @@ impl EventLoop {
             .all_mesh_peers()
             .copied()
             .collect();
-        let calling: HashSet<PeerId> = self.calls.values().map(|c| c.peer).collect();
+        let mut calling: HashSet<PeerId> = self.requests.values().map(|c| c.peer).collect();
+        calling.extend(self.activity.busy());
         // New connections get a grace period: they were opened for a reason (a lookup, a call
         // about to be made), and closing them only makes someone dial again.
         let grace = net.trim_grace;
-        let active = |p: &PeerId| self.last_active.get(p).copied();
+        let active = |p: &PeerId| self.last_active.get(p).copied().max(self.activity.last(p));
         let mut spare: Vec<PeerId> = connected
             .into_iter()
             .filter(|p| {
@@ -574,16 +581,105 @@ impl EventLoop {
         }
     }
 
-    fn send_call(&mut self, call: PendingCall) {
-        if let Some(t) = self.last_active.get_mut(&call.peer) {
+    fn send_request(&mut self, r: PendingRequest) {
+        if let Some(t) = self.last_active.get_mut(&r.peer) {
             *t = Instant::now();
         }
-        let b = self.swarm.behaviour_mut();
-        let id = match call.proto {
-            Proto::Call => b.calls.send_request(&call.peer, call.request.clone()),
-            Proto::Mailbox => b.mailbox.send_request(&call.peer, call.request.clone()),
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .mailbox
+            .send_request(&r.peer, r.request.clone());
+        self.requests.insert(id, r);
+    }
+
+    /// Replies once connected to `peer`: at once if we are, else after dialing the addresses we
+    /// know, else after asking the DHT where it is and dialing that.
+    fn connect(&mut self, peer: PeerId, reply: oneshot::Sender<Result<()>>) {
+        if self.swarm.is_connected(&peer) {
+            let _ = reply.send(Ok(()));
+            return;
+        }
+        if let Some(c) = self.connecting.get_mut(&peer) {
+            c.waiters.push(reply);
+            return;
+        }
+        self.connecting.insert(
+            peer,
+            Connecting {
+                waiters: vec![reply],
+                looked_up: false,
+            },
+        );
+        self.dial_peer(peer);
+    }
+
+    fn dial_peer(&mut self, peer: PeerId) {
+        let opts = DialOpts::peer_id(peer)
+            .condition(PeerCondition::DisconnectedAndNotDialing)
+            .build();
+        match self.swarm.dial(opts) {
+            // A dial of someone else's is under way: its outcome answers ours.
+            Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
+            Err(e) => self.connect_failed(peer, e.to_string()),
+        }
+    }
+
+    /// A dial to `peer` failed: look it up once, else give up on its waiters.
+    fn connect_failed(&mut self, peer: PeerId, reason: String) {
+        let Some(c) = self.connecting.get_mut(&peer) else {
+            return;
         };
-        self.calls.insert((call.proto, id), call);
+        if !c.looked_up {
+            c.looked_up = true;
+            self.look_up_peer(peer, Vec::new());
+            return;
+        }
+        if let Some(c) = self.connecting.remove(&peer) {
+            for w in c.waiters {
+                let _ = w.send(Err(Error::Unreachable {
+                    peer: Box::new(peer),
+                    reason: reason.clone(),
+                }));
+            }
+        }
+    }
+
+    /// Asks the DHT for `peer`'s card (it lists relay circuit addresses, which the routing table
+    /// never has for a node behind NAT: it runs kad as a client), then for the peer itself.
+    fn look_up_peer(&mut self, peer: PeerId, requests: Vec<PendingRequest>) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_record(RecordKey::new(&card_key(&peer)));
+        self.queries
+            .insert(id, Pending::PeerCard(peer, Vec::new(), requests));
+    }
+
+    /// A lookup of `peer` ended with these addresses: retry its requests and connections.
+    fn peer_found(&mut self, peer: PeerId, addrs: &[Multiaddr], requests: Vec<PendingRequest>) {
+        for a in addrs {
+            self.swarm.add_peer_address(peer, a.clone());
+        }
+        for mut r in requests {
+            if addrs.is_empty() {
+                let _ = r.reply.send(Err(Error::Unreachable {
+                    peer: Box::new(peer),
+                    reason: "no address known, and the DHT has none".to_owned(),
+                }));
+            } else {
+                r.looked_up = true;
+                self.send_request(r);
+            }
+        }
+        if self.connecting.contains_key(&peer) {
+            if addrs.is_empty() {
+                self.connect_failed(peer, "no address known, and the DHT has none".to_owned());
+            } else {
+                self.dial_peer(peer);
+            }
+        }
     }
 
     /// Re-signs this node's card and announces it and every provider key.
@@ -694,6 +790,13 @@ impl EventLoop {
         }
         let horizon = self.config.gossip.presence_interval * 3;
         self.presence.retain(|_, p| p.seen.elapsed() < horizon);
+        // Callers that gave up (their timeouts ran out) wait no more.
+        self.connecting.retain(|_, c| {
+            c.waiters.retain(|w| !w.is_closed());
+            !c.waiters.is_empty()
+        });
+        let swarm = &self.swarm;
+        self.activity.prune(|p| swarm.is_connected(p));
     }
 
     fn announce_presence(&mut self) {
@@ -811,6 +914,11 @@ impl EventLoop {
             } => {
                 self.nat_connection(connection_id, peer_id, &endpoint);
                 self.last_active.insert(peer_id, Instant::now());
+                if let Some(c) = self.connecting.remove(&peer_id) {
+                    for w in c.waiters {
+                        let _ = w.send(Ok(()));
+                    }
+                }
                 self.mail.messenger().connected(&peer_id);
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
@@ -850,16 +958,20 @@ impl EventLoop {
             SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Calls(e)) => self.on_requests(Proto::Call, e),
-            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => {
-                self.on_requests(Proto::Mailbox, e)
+            SwarmEvent::OutgoingConnectionError {
+                peer_id: Some(peer),
+                error,
+                ..
+            } if self.connecting.contains_key(&peer) && !self.swarm.is_connected(&peer) => {
+                self.connect_failed(peer, error.to_string());
             }
+            SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_requests(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             _ => {}
         }
     }
 
-    fn on_requests(&mut self, proto: Proto, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+    fn on_requests(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
         if let request_response::Event::Message { peer, .. } = &event
             && let Some(t) = self.last_active.get_mut(peer)
         {
@@ -870,18 +982,13 @@ impl EventLoop {
                 request_response::Message::Request {
                     request, channel, ..
                 } => {
-                    let inbound = self.inbound.clone();
                     let mail = self.mail.clone();
                     let tx = self.responses_tx.clone();
                     *self.serving.entry(peer).or_insert(0) += 1;
                     self.inflight.spawn(async move {
-                        let response = match proto {
-                            Proto::Call => inbound.handle(peer, request).await,
-                            Proto::Mailbox => mail.handle(peer, request).await,
-                        };
+                        let response = mail.handle(peer, request).await;
                         let _ = tx
                             .send(Response {
-                                proto,
                                 peer,
                                 channel,
                                 response,
@@ -893,30 +1000,21 @@ impl EventLoop {
                     request_id,
                     response,
                 } => {
-                    if let Some(call) = self.calls.remove(&(proto, request_id)) {
-                        let _ = call.reply.send(Ok(response));
+                    if let Some(r) = self.requests.remove(&request_id) {
+                        let _ = r.reply.send(Ok(response));
                     }
                 }
             },
             request_response::Event::OutboundFailure {
                 request_id, error, ..
             } => {
-                let Some(call) = self.calls.remove(&(proto, request_id)) else {
+                let Some(call) = self.requests.remove(&request_id) else {
                     return;
                 };
                 match error {
                     // We may only know stale addresses: ask the DHT where the peer is now.
                     OutboundFailure::DialFailure if !call.looked_up => {
-                        // The card first: it lists relay circuit addresses, which the routing
-                        // table never has for a node behind NAT (it runs kad as a client).
-                        let peer = call.peer;
-                        let id = self
-                            .swarm
-                            .behaviour_mut()
-                            .kad
-                            .get_record(RecordKey::new(&card_key(&peer)));
-                        self.queries
-                            .insert(id, Pending::PeerCard(peer, Vec::new(), vec![call]));
+                        self.look_up_peer(call.peer, vec![call]);
                     }
                     OutboundFailure::Timeout => {
                         let _ = call
@@ -932,7 +1030,7 @@ impl EventLoop {
                 }
             }
             request_response::Event::InboundFailure { peer, error, .. } => {
-                tracing::debug!(%peer, "inbound call failed: {error}");
+                tracing::debug!(%peer, "inbound mailbox request failed: {error}");
             }
             _ => {}
         }
@@ -1054,7 +1152,7 @@ impl EventLoop {
                     self.queries.insert(id, Pending::Relays(found));
                 }
             }
-            (Pending::PeerCard(peer, mut addrs, calls), QueryResult::GetRecord(r)) => {
+            (Pending::PeerCard(peer, mut addrs, requests), QueryResult::GetRecord(r)) => {
                 if let Ok(GetRecordOk::FoundRecord(found)) = r
                     && let Ok(card) = verify_card_record(&found.record)
                     && card.peer_id == peer
@@ -1063,23 +1161,17 @@ impl EventLoop {
                 }
                 if !last {
                     self.queries
-                        .insert(id, Pending::PeerCard(peer, addrs, calls));
+                        .insert(id, Pending::PeerCard(peer, addrs, requests));
                     return;
                 }
                 if addrs.is_empty() {
                     let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
-                    self.queries.insert(id, Pending::PeerLookup(peer, calls));
+                    self.queries.insert(id, Pending::PeerLookup(peer, requests));
                     return;
                 }
-                for a in addrs {
-                    self.swarm.add_peer_address(peer, a);
-                }
-                for mut call in calls {
-                    call.looked_up = true;
-                    self.send_call(call);
-                }
+                self.peer_found(peer, &addrs, requests);
             }
-            (Pending::PeerLookup(peer, calls), QueryResult::GetClosestPeers(r)) => {
+            (Pending::PeerLookup(peer, requests), QueryResult::GetClosestPeers(r)) => {
                 let addrs: Vec<Multiaddr> = match &r {
                     Ok(GetClosestPeersOk { peers, .. }) => peers
                         .iter()
@@ -1089,23 +1181,10 @@ impl EventLoop {
                     Err(_) => Vec::new(),
                 };
                 if !last && addrs.is_empty() {
-                    self.queries.insert(id, Pending::PeerLookup(peer, calls));
+                    self.queries.insert(id, Pending::PeerLookup(peer, requests));
                     return;
                 }
-                for a in &addrs {
-                    self.swarm.add_peer_address(peer, a.clone());
-                }
-                for mut call in calls {
-                    if addrs.is_empty() {
-                        let _ = call.reply.send(Err(Error::Unreachable {
-                            peer: Box::new(peer),
-                            reason: "no address known, and the DHT has none".to_owned(),
-                        }));
-                    } else {
-                        call.looked_up = true;
-                        self.send_call(call);
-                    }
-                }
+                self.peer_found(peer, &addrs, requests);
             }
             (Pending::Publish(group, is_card), r) => {
                 let replicated = match r {

@@ -1,0 +1,693 @@
+//! Call pipes (DESIGN §5): one long-lived stream per peer carries all of our calls to it.
+//!
+//! A request-response exchange opens a stream, negotiates its protocol, sends one request, reads
+//! one response and closes, and both ends route every message through their swarm's event loop.
+//! On loopback that costs about as much as two signatures. A pipe opens once and then carries
+//! tagged frames both ways, straight between the calling task and the connection: the event loop
+//! is not on the path. Calls on a pipe run concurrently and answer in any order; frames queued
+//! together go out in one write.
+//!
+//! Frame: a 4-byte big-endian length of what follows, an 8-byte big-endian tag, then a `call`
+//! envelope (caller to callee) or a `call-result` envelope (back, with the call's tag). Lengths
+//! are checked before anything is allocated. A callee's first frame is an empty one tagged
+//! [`ACCEPTED`]: a pipe that ends before it was never read, so its calls can go again on a new
+//! one (a callee may drop a stream it had no room to accept).
+
+use std::collections::HashMap;
+use std::io;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use libp2p::futures::io::ReadHalf;
+use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::{PeerId, Stream, StreamProtocol};
+use skillmesh_protocol::Kind;
+use skillmesh_protocol::keys::CALL_PROTOCOL;
+use tokio::sync::{Semaphore, mpsc, oneshot, watch};
+
+use crate::calls::Inbound;
+use crate::error::{Error, Result};
+use crate::event_loop::Command;
+
+/// The stream protocol of call pipes.
+pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(CALL_PROTOCOL);
+/// Bytes before a frame's body: length and tag.
+const HEADER: usize = 12;
+/// The tag of the callee's first, empty frame: it has taken the pipe and reads it.
+const ACCEPTED: u64 = u64::MAX;
+/// Pipes tried per call when they end before the callee took them.
+const ATTEMPTS: usize = 3;
+/// Frames queued for a pipe's writer; callers wait (and their timeouts run) beyond this.
+const WRITE_QUEUE: usize = 256;
+/// Bytes gathered into one write at most.
+const WRITE_BATCH: usize = 64 * 1024;
+/// Calls waiting for answers on one pipe at most.
+const MAX_PENDING: usize = 4096;
+/// A caller closes a pipe that has carried no call for this long; the connection may then go
+/// idle and close as usual.
+const CALLER_IDLE: Duration = Duration::from_secs(15);
+/// A callee closes a pipe that has sent it nothing for this long.
+const CALLEE_IDLE: Duration = Duration::from_secs(60);
+/// Pipes one peer may hold open to us at once.
+const MAX_PIPES_PER_PEER: usize = 4;
+/// Opening a stream on a connection we have, or dialing one.
+const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// Calls a callee reads ahead of those it answered, per pipe, on top of the per-peer limit:
+/// enough that a caller over the limit hears "busy" instead of silence.
+const READ_AHEAD: usize = 16;
+
+/// Calls in flight per peer, both ways, and when each peer last had one: the event loop spares
+/// busy and recently busy peers' connections when it trims.
+#[derive(Debug, Default)]
+pub(crate) struct Activity {
+    peers: Mutex<HashMap<PeerId, Busy>>,
+    serving: watch::Sender<usize>,
+}
+
+#[derive(Debug)]
+struct Busy {
+    calls: u32,
+    last: Instant,
+}
+
+impl Activity {
+    fn begin(self: &Arc<Self>, peer: PeerId, serving: bool) -> ActivityGuard {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        let busy = peers.entry(peer).or_insert(Busy {
+            calls: 0,
+            last: Instant::now(),
+        });
+        busy.calls += 1;
+        busy.last = Instant::now();
+        if serving {
+            self.serving.send_modify(|n| *n += 1);
+        }
+        ActivityGuard {
+            activity: self.clone(),
+            peer,
+            serving,
+        }
+    }
+
+    /// Peers with a call in flight.
+    pub(crate) fn busy(&self) -> Vec<PeerId> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers
+            .iter()
+            .filter(|(_, b)| b.calls > 0)
+            .map(|(p, _)| *p)
+            .collect()
+    }
+
+    /// When `peer` last had a call in flight.
+    pub(crate) fn last(&self, peer: &PeerId) -> Option<Instant> {
+        let peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.get(peer).map(|b| b.last)
+    }
+
+    /// Forgets idle peers `keep` rejects (those no longer connected), so the map stays small.
+    pub(crate) fn prune(&self, keep: impl Fn(&PeerId) -> bool) {
+        let mut peers = self.peers.lock().unwrap_or_else(|e| e.into_inner());
+        peers.retain(|p, b| b.calls > 0 || keep(p));
+    }
+
+    /// Waits until no inbound call is running.
+    pub(crate) async fn served(&self) {
+        let mut rx = self.serving.subscribe();
+        let _ = rx.wait_for(|n| *n == 0).await;
+    }
+
+    /// Inbound calls running.
+    pub(crate) fn serving(&self) -> usize {
+        *self.serving.borrow()
+    }
+}
+
+struct ActivityGuard {
+    activity: Arc<Activity>,
+    peer: PeerId,
+    serving: bool,
+}
+
+impl Drop for ActivityGuard {
+    fn drop(&mut self) {
+        let mut peers = self
+            .activity
+            .peers
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(b) = peers.get_mut(&self.peer) {
+            b.calls = b.calls.saturating_sub(1);
+            b.last = Instant::now();
+        }
+        if self.serving {
+            self.activity
+                .serving
+                .send_modify(|n| *n = n.saturating_sub(1));
+        }
+    }
+}
+
+// ---- framing -------------------------------------------------------------------------------------
+
+fn frame(tag: u64, body: &[u8]) -> Vec<u8> {
+    let mut f = Vec::with_capacity(HEADER + body.len());
+    // Bodies are bounded by the envelope limits, far below 4 GiB.
+    f.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
+    f.extend_from_slice(&tag.to_be_bytes());
+    f.extend_from_slice(body);
+    f
+}
+
+/// Reads one frame; `None` at a clean end of stream.
+async fn read_frame<R: AsyncRead + Unpin>(
+    io: &mut R,
+    max: usize,
+) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let mut head = [0u8; HEADER];
+    match io.read_exact(&mut head[..1]).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        r => r?,
+    }
+    io.read_exact(&mut head[1..]).await?;
+    let [l0, l1, l2, l3, t @ ..] = head;
+    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
+    let body = len.checked_sub(8).ok_or_else(|| {
+        io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame length {len} below 8"),
+        )
+    })?;
+    if body > max {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {body} bytes is over the limit of {max}"),
+        ));
+    }
+    let mut buf = vec![0u8; body];
+    io.read_exact(&mut buf).await?;
+    Ok(Some((u64::from_be_bytes(t), buf)))
+}
+
+/// Writes queued frames, several per write when they queue up, until the queue closes, an empty
+/// frame asks to close, or a write fails; then closes the stream's write side.
+async fn write_frames<W: AsyncWrite + Unpin>(mut io: W, mut rx: mpsc::Receiver<Vec<u8>>) {
+    let mut batch = Vec::new();
+    let mut buf = Vec::new();
+    let mut closing = false;
+    while !closing && rx.recv_many(&mut batch, WRITE_QUEUE).await > 0 {
+        buf.clear();
+        for f in batch.drain(..) {
+            if f.is_empty() {
+                closing = true;
+                break;
+            }
+            if !buf.is_empty() && buf.len() + f.len() > WRITE_BATCH {
+                if io.write_all(&buf).await.is_err() {
+                    return;
+                }
+                buf.clear();
+            }
+            buf.extend_from_slice(&f);
+        }
+        if io.write_all(&buf).await.is_err() || io.flush().await.is_err() {
+            return;
+        }
+    }
+    let _ = io.close().await;
+}
+
+// ---- the caller's side ---------------------------------------------------------------------------
+
+/// Our pipes to other peers, and the serving of theirs.
+pub(crate) struct Pipes {
+    control: libp2p_stream::Control,
+    open: Mutex<HashMap<PeerId, Arc<Pipe>>>,
+    opening: Mutex<HashMap<PeerId, Arc<tokio::sync::Mutex<()>>>>,
+    activity: Arc<Activity>,
+    /// Weak: open pipes must not keep the event loop alive once every node handle is gone.
+    commands: mpsc::WeakSender<Command>,
+}
+
+impl std::fmt::Debug for Pipes {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Pipes").finish_non_exhaustive()
+    }
+}
+
+struct Pipe {
+    state: Mutex<PipeState>,
+    frames: mpsc::Sender<Vec<u8>>,
+}
+
+struct PipeState {
+    next: u64,
+    pending: HashMap<u64, oneshot::Sender<std::result::Result<Vec<u8>, PipeError>>>,
+    last_used: Instant,
+    closed: bool,
+    /// Whether the callee said it took the pipe.
+    accepted: bool,
+}
+
+/// Why a call on a pipe failed.
+#[derive(Debug)]
+enum PipeError {
+    /// The callee never read the call (the pipe closed before the call was sent, or before the
+    /// callee took it): a new pipe may carry it.
+    Closed,
+    /// The call went out and no answer came back.
+    Lost(String),
+}
+
+impl Pipes {
+    pub(crate) fn new(
+        control: libp2p_stream::Control,
+        activity: Arc<Activity>,
+        commands: mpsc::WeakSender<Command>,
+    ) -> Arc<Self> {
+        Arc::new(Pipes {
+            control,
+            open: Mutex::default(),
+            opening: Mutex::default(),
+            activity,
+            commands,
+        })
+    }
+
+    /// Sends a call envelope to `peer` and returns its result envelope. The caller bounds the
+    /// time.
+    pub(crate) async fn call(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>> {
+        let _busy = self.activity.begin(peer, false);
+        // A pipe may close before the callee read our call: between our finding it and the call
+        // going out (it went idle, its connection closed), or before the callee took it (it had
+        // no room). Then a fresh pipe may carry the same signed call; were it ever read twice,
+        // the callee's replay check would refuse the second.
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            let pipe = self.pipe(peer).await?;
+            match pipe.call(&request).await {
+                Ok(response) => return Ok(response),
+                Err(PipeError::Closed) => self.forget(peer, &pipe),
+                Err(PipeError::Lost(reason)) => {
+                    return Err(Error::Unreachable {
+                        peer: Box::new(peer),
+                        reason,
+                    });
+                }
+            }
+        }
+        Err(Error::Unreachable {
+            peer: Box::new(peer),
+            reason: format!("{ATTEMPTS} call pipes closed before it took them"),
+        })
+    }
+
+    fn forget(&self, peer: PeerId, pipe: &Arc<Pipe>) {
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        if open.get(&peer).is_some_and(|p| Arc::ptr_eq(p, pipe)) {
+            open.remove(&peer);
+        }
+    }
+
+    fn existing(&self, peer: &PeerId) -> Option<Arc<Pipe>> {
+        let open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.get(peer).filter(|p| !p.is_closed()).cloned()
+    }
+
+    /// The open pipe to `peer`, or a new one: connected first (through the event loop, which
+    /// dials known addresses and asks the DHT for others), then a stream opened on it. One
+    /// opening per peer at a time; calls arriving meanwhile wait for it.
+    async fn pipe(self: &Arc<Self>, peer: PeerId) -> Result<Arc<Pipe>> {
+        if let Some(p) = self.existing(&peer) {
+            return Ok(p);
+        }
+        let gate = {
+            let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+            opening.entry(peer).or_default().clone()
+        };
+        let _turn = gate.lock().await;
+        if let Some(p) = self.existing(&peer) {
+            return Ok(p);
+        }
+        let opened = self.open_stream(peer).await;
+        {
+            let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+            // Ours and the map's: nobody else is waiting on this gate.
+            if Arc::strong_count(&gate) <= 2 {
+                opening.remove(&peer);
+            }
+        }
+        let stream = opened?;
+        let pipe = Pipe::start(peer, stream, self.clone());
+        let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
+        open.insert(peer, pipe.clone());
+        Ok(pipe)
+    }
+
+    async fn open_stream(&self, peer: PeerId) -> Result<Stream> {
+        let unreachable = |reason: String| Error::Unreachable {
+            peer: Box::new(peer),
+            reason,
+        };
+        let (tx, rx) = oneshot::channel();
+        self.commands
+            .upgrade()
+            .ok_or(Error::ShutDown)?
+            .send(Command::Connect { peer, reply: tx })
+            .await
+            .map_err(|_| Error::ShutDown)?;
+        rx.await.map_err(|_| Error::ShutDown)??;
+        let mut control = self.control.clone();
+        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
+            Ok(Ok(stream)) => Ok(stream),
+            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Err(unreachable(
+                "it does not serve skill calls (no call pipe protocol)".to_owned(),
+            )),
+            Ok(Err(e)) => Err(unreachable(e.to_string())),
+            Err(_) => Err(unreachable(format!(
+                "no call pipe opened within {OPEN_TIMEOUT:?}"
+            ))),
+        }
+    }
+}
+
+impl Pipe {
+    fn start(peer: PeerId, stream: Stream, pipes: Arc<Pipes>) -> Arc<Pipe> {
+        let (read, write) = stream.split();
+        let (frames, rx) = mpsc::channel(WRITE_QUEUE);
+        let pipe = Arc::new(Pipe {
+            state: Mutex::new(PipeState {
+                next: 0,
+                pending: HashMap::new(),
+                last_used: Instant::now(),
+                closed: false,
+                accepted: false,
+            }),
+            frames,
+        });
+        tokio::spawn(write_frames(write, rx));
+        tokio::spawn(pipe.clone().read_results(peer, read, pipes.clone()));
+        tokio::spawn(pipe.clone().close_when_idle(peer, pipes));
+        pipe
+    }
+
+    fn is_closed(&self) -> bool {
+        self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
+    }
+
+    async fn call(self: &Arc<Self>, request: &[u8]) -> std::result::Result<Vec<u8>, PipeError> {
+        let (tx, rx) = oneshot::channel();
+        let tag = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if st.closed {
+                return Err(PipeError::Closed);
+            }
+            if st.pending.len() >= MAX_PENDING {
+                return Err(PipeError::Lost(format!(
+                    "{MAX_PENDING} calls already wait for it"
+                )));
+            }
+            let tag = st.next;
+            st.next += 1;
+            st.pending.insert(tag, tx);
+            st.last_used = Instant::now();
+            tag
+        };
+        // Dropped (the caller timed out, or gave up) or not, the tag leaves the map.
+        let _unlist = Unlist { pipe: self, tag };
+        if self.frames.send(frame(tag, request)).await.is_err() {
+            return Err(PipeError::Closed);
+        }
+        rx.await
+            .map_err(|_| PipeError::Lost("the pipe was dropped".to_owned()))?
+    }
+
+    async fn read_results(
+        self: Arc<Self>,
+        peer: PeerId,
+        mut read: ReadHalf<Stream>,
+        pipes: Arc<Pipes>,
+    ) {
+        let max = Kind::CallResult.max_envelope();
+        let end = loop {
+            match read_frame(&mut read, max).await {
+                Ok(Some((tag, body))) => {
+                    let waiter = {
+                        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                        if tag == ACCEPTED {
+                            st.accepted = true;
+                        }
+                        st.pending.remove(&tag)
+                    };
+                    // No waiter: the call timed out here; its late answer is dropped.
+                    if let Some(w) = waiter {
+                        let _ = w.send(Ok(body));
+                    }
+                }
+                Ok(None) => break "closed".to_owned(),
+                Err(e) => break e.to_string(),
+            }
+        };
+        tracing::debug!(%peer, "call pipe ended: {end}");
+        self.close(peer, &pipes);
+    }
+
+    /// Marks the pipe closed, fails the calls waiting on it, and forgets it.
+    fn close(self: &Arc<Self>, peer: PeerId, pipes: &Pipes) {
+        let (waiting, accepted) = {
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            st.closed = true;
+            (std::mem::take(&mut st.pending), st.accepted)
+        };
+        for (_, w) in waiting {
+            let _ = w.send(Err(if accepted {
+                PipeError::Lost("the connection closed before the result came".to_owned())
+            } else {
+                PipeError::Closed
+            }));
+        }
+        pipes.forget(peer, self);
+        let _ = self.frames.try_send(Vec::new());
+    }
+
+    /// Closes the pipe once it has been unused for [`CALLER_IDLE`] with nothing in flight; the
+    /// callee then closes its end and our reader ends.
+    async fn close_when_idle(self: Arc<Self>, peer: PeerId, pipes: Arc<Pipes>) {
+        loop {
+            let wake = {
+                let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+                if st.closed {
+                    return;
+                }
+                let idle = st.last_used.elapsed();
+                if st.pending.is_empty() && idle >= CALLER_IDLE {
+                    // Under the lock: a call either got in before (and is pending) or sees
+                    // the pipe closed and opens another.
+                    st.closed = true;
+                    None
+                } else {
+                    Some(CALLER_IDLE.saturating_sub(idle).max(Duration::from_secs(1)))
+                }
+            };
+            match wake {
+                Some(d) => tokio::time::sleep(d).await,
+                None => break,
+            }
+        }
+        pipes.forget(peer, &self);
+        // An empty frame: the writer closes the stream's write side after what is queued.
+        let _ = self.frames.send(Vec::new()).await;
+    }
+}
+
+/// Takes a call's tag out of the pending map when the call ends, however it ends.
+struct Unlist<'a> {
+    pipe: &'a Pipe,
+    tag: u64,
+}
+
+impl Drop for Unlist<'_> {
+    fn drop(&mut self) {
+        let mut st = self.pipe.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.pending.remove(&self.tag);
+        st.last_used = Instant::now();
+    }
+}
+
+// ---- the callee's side ---------------------------------------------------------------------------
+
+/// Limits of the serving side.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ServeLimits {
+    /// Pipes open to us at once, from everyone.
+    pub(crate) max_pipes: usize,
+    /// Calls one pipe may have running before we stop reading it.
+    pub(crate) per_pipe: usize,
+}
+
+impl ServeLimits {
+    pub(crate) fn new(max_inbound: u32, max_inbound_per_peer: u32) -> Self {
+        ServeLimits {
+            max_pipes: (max_inbound as usize).max(MAX_PIPES_PER_PEER),
+            per_pipe: max_inbound_per_peer as usize + READ_AHEAD,
+        }
+    }
+}
+
+/// Accepts call pipes and serves the calls on them until `stop` turns true.
+pub(crate) async fn serve(
+    mut control: libp2p_stream::Control,
+    inbound: Arc<Inbound>,
+    activity: Arc<Activity>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let mut incoming = match control.accept(PROTOCOL) {
+        Ok(i) => i,
+        Err(e) => {
+            tracing::error!("cannot serve skill calls: {e}");
+            return;
+        }
+    };
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    loop {
+        let (peer, stream) = tokio::select! {
+            next = incoming.next() => match next {
+                Some(s) => s,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let admitted = {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            let total: usize = open.values().sum();
+            let mine = open.entry(peer).or_insert(0);
+            if *mine >= MAX_PIPES_PER_PEER || total >= limits.max_pipes {
+                false
+            } else {
+                *mine += 1;
+                true
+            }
+        };
+        if !admitted {
+            tracing::debug!(%peer, "call pipe refused: too many open");
+            continue;
+        }
+        let (inbound, activity, open, stop) = (
+            inbound.clone(),
+            activity.clone(),
+            open.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            serve_pipe(peer, stream, inbound, activity, limits, stop).await;
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = open.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&peer);
+                }
+            }
+        });
+    }
+}
+
+async fn serve_pipe(
+    peer: PeerId,
+    stream: Stream,
+    inbound: Arc<Inbound>,
+    activity: Arc<Activity>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (mut read, write) = stream.split();
+    let (frames, rx) = mpsc::channel(WRITE_QUEUE);
+    tokio::spawn(write_frames(write, rx));
+    if frames.send(frame(ACCEPTED, &[])).await.is_err() {
+        return;
+    }
+    let room = Arc::new(Semaphore::new(limits.per_pipe));
+    let max = Kind::Call.max_envelope();
+    loop {
+        // Reading stops while the pipe has its fill of calls running: the caller's stream
+        // window fills and it waits, instead of us queueing without bound.
+        let Ok(slot) = room.clone().acquire_owned().await else {
+            return;
+        };
+        let next = tokio::select! {
+            r = tokio::time::timeout(CALLEE_IDLE, read_frame(&mut read, max)) => r,
+            // Shutting down: no new calls; those running still answer.
+            _ = stop.wait_for(|s| *s) => break,
+        };
+        let (tag, request) = match next {
+            Ok(Ok(Some(f))) => f,
+            Ok(Ok(None)) => break,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "call pipe broken: {e}");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "call pipe idle; closing");
+                break;
+            }
+        };
+        let busy = activity.begin(peer, true);
+        let (inbound, frames) = (inbound.clone(), frames.clone());
+        tokio::spawn(async move {
+            let response = inbound.handle(peer, request).await;
+            let _ = frames.send(frame(tag, &response)).await;
+            drop((busy, slot));
+        });
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use libp2p::futures::io::Cursor;
+
+    #[tokio::test]
+    async fn frames_round_trip_and_bad_lengths_are_refused_before_allocating() {
+        let f = frame(7, b"hello");
+        assert_eq!(&f[..4], &13u32.to_be_bytes());
+        let got = read_frame(&mut Cursor::new(&f), 10).await.expect("read");
+        assert_eq!(got, Some((7, b"hello".to_vec())));
+        // Over the limit, or claiming 4 GiB with no body: refused by the length check.
+        assert!(read_frame(&mut Cursor::new(&f), 4).await.is_err());
+        let mut huge = u32::MAX.to_be_bytes().to_vec();
+        huge.extend_from_slice(&[0; 8]);
+        let err = read_frame(&mut Cursor::new(&huge), 1024)
+            .await
+            .expect_err("oversize");
+        assert_eq!(err.kind(), io::ErrorKind::InvalidData);
+        // A length too short to hold the tag.
+        let short = [0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0];
+        assert!(read_frame(&mut Cursor::new(&short), 1024).await.is_err());
+        // A clean end between frames is the end of the pipe; one inside a frame is an error.
+        assert_eq!(
+            read_frame(&mut Cursor::new(&[]), 10).await.expect("eof"),
+            None
+        );
+        assert!(read_frame(&mut Cursor::new(&f[..6]), 10).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn queued_frames_are_written_together_in_order() {
+        let (tx, rx) = mpsc::channel(8);
+        for i in 0..5u64 {
+            tx.send(frame(i, &[i as u8; 3])).await.expect("queue");
+        }
+        drop(tx);
+        let mut out = Cursor::new(Vec::new());
+        write_frames(&mut out, rx).await;
+        let bytes = out.into_inner();
+        let mut r = Cursor::new(&bytes);
+        for i in 0..5u64 {
+            let got = read_frame(&mut r, 10).await.expect("read");
+            assert_eq!(got, Some((i, vec![i as u8; 3])));
+        }
+        assert_eq!(read_frame(&mut r, 10).await.expect("end"), None);
+    }
+}
