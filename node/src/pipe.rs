@@ -351,25 +351,31 @@ impl Pipes {
             peer: Box::new(peer),
             reason,
         };
-        let (tx, rx) = oneshot::channel();
-        self.commands
-            .upgrade()
-            .ok_or(Error::ShutDown)?
-            .send(Command::Connect { peer, reply: tx })
-            .await
-            .map_err(|_| Error::ShutDown)?;
-        rx.await.map_err(|_| Error::ShutDown)??;
-        let mut control = self.control.clone();
-        match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
-            Ok(Ok(stream)) => Ok(stream),
-            Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => Err(unreachable(
-                "it does not serve skill calls (no call pipe protocol)".to_owned(),
-            )),
-            Ok(Err(e)) => Err(unreachable(e.to_string())),
-            Err(_) => Err(unreachable(format!(
-                "no call pipe opened within {OPEN_TIMEOUT:?}"
-            ))),
+        // A connection can close under a stream being opened (trimmed, idle, the peer's
+        // limits); nothing was sent on it, so connect and try once more.
+        let mut last = String::new();
+        for _ in 0..2 {
+            let (tx, rx) = oneshot::channel();
+            self.commands
+                .upgrade()
+                .ok_or(Error::ShutDown)?
+                .send(Command::Connect { peer, reply: tx })
+                .await
+                .map_err(|_| Error::ShutDown)?;
+            rx.await.map_err(|_| Error::ShutDown)??;
+            let mut control = self.control.clone();
+            match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
+                Ok(Ok(stream)) => return Ok(stream),
+                Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
+                    return Err(unreachable(
+                        "it does not serve skill calls (no call pipe protocol)".to_owned(),
+                    ));
+                }
+                Ok(Err(e)) => last = e.to_string(),
+                Err(_) => last = format!("no call pipe opened within {OPEN_TIMEOUT:?}"),
+            }
         }
+        Err(unreachable(last))
     }
 }
 
