@@ -159,34 +159,26 @@ fn frame(tag: u64, body: &[u8]) -> Vec<u8> {
     f
 }
 
-/// Reads one frame; `None` at a clean end of stream.
+/// Reads one frame; `None` at a clean end of stream. A pipe frame is a mailbox-style frame
+/// (length, then bytes) whose bytes start with the tag.
 async fn read_frame<R: AsyncRead + Unpin>(
     io: &mut R,
     max: usize,
 ) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let mut head = [0u8; HEADER];
-    match io.read_exact(&mut head[..1]).await {
-        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
-        r => r?,
-    }
-    io.read_exact(&mut head[1..]).await?;
-    let [l0, l1, l2, l3, t @ ..] = head;
-    let len = u32::from_be_bytes([l0, l1, l2, l3]) as usize;
-    let body = len.checked_sub(8).ok_or_else(|| {
-        io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame length {len} below 8"),
-        )
-    })?;
-    if body > max {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {body} bytes is over the limit of {max}"),
-        ));
-    }
-    let mut buf = vec![0u8; body];
-    io.read_exact(&mut buf).await?;
-    Ok(Some((u64::from_be_bytes(t), buf)))
+    let Some(mut bytes) = crate::wire::next_frame(io, max + 8).await? else {
+        return Ok(None);
+    };
+    let tag: [u8; 8] = bytes
+        .get(..8)
+        .and_then(|t| t.try_into().ok())
+        .ok_or_else(|| {
+            io::Error::new(
+                io::ErrorKind::InvalidData,
+                format!("frame of {} bytes has no room for its tag", bytes.len()),
+            )
+        })?;
+    bytes.drain(..8);
+    Ok(Some((u64::from_be_bytes(tag), bytes)))
 }
 
 /// Writes queued frames, several per write when they queue up, until the queue closes, an empty

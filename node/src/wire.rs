@@ -22,9 +22,17 @@ impl FrameCodec {
     }
 }
 
-async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+/// Reads one frame; `None` when the stream ends cleanly between frames.
+pub(crate) async fn next_frame<T: AsyncRead + Unpin>(
+    io: &mut T,
+    max: usize,
+) -> io::Result<Option<Vec<u8>>> {
     let mut len = [0u8; 4];
-    io.read_exact(&mut len).await?;
+    match io.read_exact(&mut len[..1]).await {
+        Err(e) if e.kind() == io::ErrorKind::UnexpectedEof => return Ok(None),
+        r => r?,
+    }
+    io.read_exact(&mut len[1..]).await?;
     let len = u32::from_be_bytes(len) as usize;
     if len > max {
         return Err(io::Error::new(
@@ -34,7 +42,13 @@ async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::
     }
     let mut buf = vec![0u8; len];
     io.read_exact(&mut buf).await?;
-    Ok(buf)
+    Ok(Some(buf))
+}
+
+async fn read_frame<T: AsyncRead + Unpin + Send>(io: &mut T, max: usize) -> io::Result<Vec<u8>> {
+    next_frame(io, max)
+        .await?
+        .ok_or_else(|| io::Error::from(io::ErrorKind::UnexpectedEof))
 }
 
 async fn write_frame<T: AsyncWrite + Unpin + Send>(
