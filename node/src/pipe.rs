@@ -315,23 +315,19 @@ impl Pipes {
         if let Some(p) = self.existing(&peer) {
             return Ok(p);
         }
-        let gate = {
-            let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-            opening.entry(peer).or_default().clone()
+        let gate = Gate {
+            pipes: self,
+            peer,
+            turn: {
+                let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
+                opening.entry(peer).or_default().clone()
+            },
         };
-        let _turn = gate.lock().await;
+        let _turn = gate.turn.lock().await;
         if let Some(p) = self.existing(&peer) {
             return Ok(p);
         }
-        let opened = self.open_stream(peer).await;
-        {
-            let mut opening = self.opening.lock().unwrap_or_else(|e| e.into_inner());
-            // Ours and the map's: nobody else is waiting on this gate.
-            if Arc::strong_count(&gate) <= 2 {
-                opening.remove(&peer);
-            }
-        }
-        let stream = opened?;
+        let stream = self.open_stream(peer).await?;
         let pipe = Pipe::start(peer, stream, self.clone());
         let mut open = self.open.lock().unwrap_or_else(|e| e.into_inner());
         open.insert(peer, pipe.clone());
@@ -368,6 +364,24 @@ impl Pipes {
             }
         }
         Err(unreachable(last))
+    }
+}
+
+/// A caller's place in the line to open a pipe to `peer`; the last one out (however it leaves:
+/// done, failed, or its call timed out) removes the line.
+struct Gate<'a> {
+    pipes: &'a Pipes,
+    peer: PeerId,
+    turn: Arc<tokio::sync::Mutex<()>>,
+}
+
+impl Drop for Gate<'_> {
+    fn drop(&mut self) {
+        let mut opening = self.pipes.opening.lock().unwrap_or_else(|e| e.into_inner());
+        // Ours and the map's: nobody else is waiting.
+        if Arc::strong_count(&self.turn) <= 2 {
+            opening.remove(&self.peer);
+        }
     }
 }
 
