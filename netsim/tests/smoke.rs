@@ -2,19 +2,20 @@
 
 use std::path::Path;
 
-fn scenario(name: &str) -> skillmesh_netsim::Scenario {
+/// Runs a shipped scenario and prints its table (shown when a test fails).
+async fn run(name: &str) -> skillmesh_netsim::Report {
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
         .join(name);
-    skillmesh_netsim::Scenario::from_file(&path).expect("scenario")
+    let scenario = skillmesh_netsim::Scenario::from_file(&path).expect("scenario");
+    let report = skillmesh_netsim::run(&scenario).await.expect("run");
+    println!("{}", report.table());
+    report
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn smoke_20_finds_calls_and_delivers_everything() {
-    let report = skillmesh_netsim::run(&scenario("smoke-20.toml"))
-        .await
-        .expect("run");
-    println!("{}", report.table());
+    let report = run("smoke-20.toml").await;
     assert_eq!(report.discovery_success, 1.0, "{report:?}");
     assert_eq!(report.call_success, 1.0, "{report:?}");
     assert!(report.gossip_delivery >= 0.99, "{report:?}");
@@ -23,10 +24,7 @@ async fn smoke_20_finds_calls_and_delivers_everything() {
 
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_30_nat_partition_and_mail() {
-    let report = skillmesh_netsim::run(&scenario("faults-30.toml"))
-        .await
-        .expect("run");
-    println!("{}", report.table());
+    let report = run("faults-30.toml").await;
     assert!(report.behind_nat > 0);
     assert_eq!(report.call_success, 1.0, "{report:?}");
     // 10 ms one-way: a call is at least a round trip, however fast the machine.

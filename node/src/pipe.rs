@@ -31,8 +31,6 @@ use crate::event_loop::Command;
 
 /// The stream protocol of call pipes.
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(CALL_PROTOCOL);
-/// Bytes before a frame's body: length and tag.
-const HEADER: usize = 12;
 /// The tag of the callee's first, empty frame: it has taken the pipe and reads it.
 const ACCEPTED: u64 = u64::MAX;
 /// Pipes tried per call when they end before the callee took them.
@@ -150,13 +148,9 @@ impl Drop for ActivityGuard {
 
 // ---- framing -------------------------------------------------------------------------------------
 
+/// A pipe frame: a length-prefixed frame (the mailbox's framing) whose bytes start with the tag.
 fn frame(tag: u64, body: &[u8]) -> Vec<u8> {
-    let mut f = Vec::with_capacity(HEADER + body.len());
-    // Bodies are bounded by the envelope limits, far below 4 GiB.
-    f.extend_from_slice(&((8 + body.len()) as u32).to_be_bytes());
-    f.extend_from_slice(&tag.to_be_bytes());
-    f.extend_from_slice(body);
-    f
+    crate::wire::encode_frame(&[&tag.to_be_bytes(), body])
 }
 
 /// Reads one frame; `None` at a clean end of stream. A pipe frame is a mailbox-style frame

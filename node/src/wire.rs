@@ -22,6 +22,18 @@ impl FrameCodec {
     }
 }
 
+/// One frame of `parts` back to back: their total length (4 bytes, big-endian), then them.
+/// Callers keep frames far below 4 GiB (every limit is a few MiB).
+pub(crate) fn encode_frame(parts: &[&[u8]]) -> Vec<u8> {
+    let len: usize = parts.iter().map(|p| p.len()).sum();
+    let mut frame = Vec::with_capacity(4 + len);
+    frame.extend_from_slice(&u32::try_from(len).unwrap_or(u32::MAX).to_be_bytes());
+    for p in parts {
+        frame.extend_from_slice(p);
+    }
+    frame
+}
+
 /// Reads one frame; `None` when the stream ends cleanly between frames.
 pub(crate) async fn next_frame<T: AsyncRead + Unpin>(
     io: &mut T,
@@ -62,12 +74,8 @@ async fn write_frame<T: AsyncWrite + Unpin + Send>(
             format!("frame of {} bytes is over the limit of {max}", data.len()),
         ));
     }
-    let len = u32::try_from(data.len()).map_err(io::Error::other)?;
     // One write: two would go out as two stream frames, each its own packet.
-    let mut frame = Vec::with_capacity(4 + data.len());
-    frame.extend_from_slice(&len.to_be_bytes());
-    frame.extend_from_slice(data);
-    io.write_all(&frame).await?;
+    io.write_all(&encode_frame(&[data])).await?;
     io.flush().await
 }
 

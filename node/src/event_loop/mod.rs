@@ -508,10 +508,6 @@ impl EventLoop {
             .send_response(channel, response);
     }
 
-    /// Above the high watermark, closes the least useful connections down to the low one.
-    /// Useful: peers in a gossip mesh (events flow through them), and peers with a call in
-    /// flight either way. Without this, gossipsub keeps every connection alive and Kademlia
-    /// dials nearly everyone (DESIGN §4).
     /// A node whose connections all closed (idle timeouts, peers trimming it, a partition)
     /// would stay alone: nothing else dials. Below a gossip mesh's worth of peers, it dials its
     /// bootstrap peers and walks the DHT again, quickly when it has nobody, else now and then.
@@ -542,6 +538,10 @@ impl EventLoop {
         let _ = self.swarm.behaviour_mut().kad.bootstrap();
     }
 
+    /// Above the high watermark, closes the least useful connections down to the low one.
+    /// Useful: peers in a gossip mesh (events flow through them), and peers with a call in
+    /// flight either way. Without this, gossipsub keeps every connection alive and Kademlia
+    /// dials nearly everyone (DESIGN §4).
     fn trim_connections(&mut self) {
         let net = &self.config.network;
         let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
