@@ -24,7 +24,9 @@ use libp2p::{
 };
 use sha2::{Digest, Sha256};
 use skillmesh_protocol::Kind;
-use skillmesh_protocol::keys::{IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAILBOX_PROTOCOL};
+use skillmesh_protocol::keys::{
+    CARD_PROTOCOL, IDENTIFY_PROTOCOL_VERSION, KAD_PROTOCOL, MAILBOX_PROTOCOL,
+};
 use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
 use crate::config::{Config, KadMode, Reachability};
@@ -37,6 +39,8 @@ const MAX_PROVIDERS_PER_KEY: usize = 64;
 const MAX_PROVIDED_KEYS: usize = 1024;
 /// Gossip frames: one event envelope and the gossipsub framing around it.
 const MAX_GOSSIP_BYTES: usize = 100 * 1024;
+/// How long a direct card request may take before the DHT is asked instead.
+const CARD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 
 #[derive(NetworkBehaviour)]
 pub(crate) struct Behaviour {
@@ -49,6 +53,8 @@ pub(crate) struct Behaviour {
     /// Call pipes: streams handed straight to the calling and serving tasks.
     pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
+    /// Cards asked of their agents directly: one request instead of a DHT walk per agent found.
+    pub(crate) cards: request_response::Behaviour<FrameCodec>,
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) relay: Toggle<relay::Behaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
@@ -90,6 +96,7 @@ fn behaviour(
     let dht = &config.dht;
     let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kcfg.set_query_timeout(dht.query_timeout)
+        .set_periodic_bootstrap_interval(Some(dht.refresh_interval))
         .set_record_ttl(Some(dht.record_ttl))
         // Cards are re-signed with a new expiry and republished by the node itself; kad would
         // republish the old signed bytes.
@@ -150,6 +157,15 @@ fn behaviour(
             .with_max_concurrent_streams(256),
     );
 
+    // The request is empty; the answer is one card envelope.
+    let cards = request_response::Behaviour::with_codec(
+        FrameCodec::new(0, Kind::Card.max_envelope()),
+        [(StreamProtocol::new(CARD_PROTOCOL), ProtocolSupport::Full)],
+        request_response::Config::default()
+            .with_request_timeout(CARD_REQUEST_TIMEOUT)
+            .with_max_concurrent_streams(64),
+    );
+
     let mdns = if net.mdns {
         Some(
             mdns::tokio::Behaviour::new(mdns::Config::default(), peer_id)
@@ -194,6 +210,7 @@ fn behaviour(
         gossipsub,
         streams: libp2p_stream::Behaviour::new(),
         mailbox,
+        cards,
         mdns: mdns.into(),
         relay: relay.into(),
         relay_client,

@@ -176,7 +176,9 @@ pub struct NetworkConfig {
     /// `min_connections` (sparing those younger than `trim_grace`); new connections are refused
     /// at twice it.
     pub max_connections: u32,
-    /// Connections being set up at once.
+    /// Connections being set up at once, incoming and outgoing each. A stalled DHT lookup has
+    /// up to twenty requests out, and a node's neighbours all dial it when they join: at 32, a
+    /// 200-node netsim run failed lookup requests on the limit before they were sent.
     pub max_pending: u32,
     /// Connections to one peer.
     pub max_per_peer: u32,
@@ -211,7 +213,7 @@ impl Default for NetworkConfig {
             // are 100 / 400).
             min_connections: 64,
             max_connections: 192,
-            max_pending: 32,
+            max_pending: 128,
             max_per_peer: 2,
             max_memory_mib: 0,
             idle_timeout: Duration::from_secs(60),
@@ -262,6 +264,11 @@ pub struct DhtConfig {
     /// How long a lookup may take.
     #[serde(with = "humantime_serde")]
     pub query_timeout: Duration,
+    /// How often the routing table is walked again (one lookup per bucket, about ten in a
+    /// network of a few hundred nodes; each reaches twenty or more peers). Connections it opens
+    /// close once idle, so every refresh dials again.
+    #[serde(with = "humantime_serde")]
+    pub refresh_interval: Duration,
     /// Records and provider keys held for others.
     pub max_records: u32,
 }
@@ -273,6 +280,7 @@ impl Default for DhtConfig {
             record_ttl: Duration::from_secs(2 * 3600),
             republish_interval: Duration::from_secs(30 * 60),
             query_timeout: Duration::from_secs(10),
+            refresh_interval: Duration::from_secs(5 * 60),
             max_records: 4096,
         }
     }
@@ -660,6 +668,11 @@ impl Config {
             d.query_timeout,
             Duration::from_millis(100),
         )?;
+        duration_at_least(
+            "dht.refresh_interval",
+            d.refresh_interval,
+            Duration::from_secs(10),
+        )?;
         at_least("dht.max_records", d.max_records, 16)?;
 
         let c = &self.calls;
@@ -951,6 +964,10 @@ mod tests {
             (
                 "[dht]\nrepublish_interval = \"2h\"",
                 "invalid dht.republish_interval = 2h",
+            ),
+            (
+                "[dht]\nrefresh_interval = \"1s\"",
+                "invalid dht.refresh_interval = 1s",
             ),
             (
                 "[calls]\nburst_per_peer = 1",

@@ -449,7 +449,11 @@ impl Node {
         let key = query.key();
         let providers = tokio::time::timeout(
             timeout,
-            self.request(|reply| Command::FindProviders { key, reply }),
+            self.request(|reply| Command::FindProviders {
+                key,
+                counted: true,
+                reply,
+            }),
         )
         .await
         .map_err(|_| Error::Timeout(timeout))??;

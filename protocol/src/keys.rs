@@ -13,6 +13,8 @@ pub const KAD_PROTOCOL: &str = "/skillmesh/kad/1.0.0";
 pub const CALL_PROTOCOL: &str = "/skillmesh/call/2";
 /// Store-and-forward mail (request-response).
 pub const MAILBOX_PROTOCOL: &str = "/skillmesh/mailbox/1";
+/// An agent's own signed card, asked of the agent itself (request-response).
+pub const CARD_PROTOCOL: &str = "/skillmesh/card/1";
 /// The `protocol_version` skillmesh nodes announce in identify.
 pub const IDENTIFY_PROTOCOL_VERSION: &str = "skillmesh/1";
 

@@ -79,6 +79,8 @@ pub(crate) enum Command {
     },
     FindProviders {
         key: RecordKey,
+        /// Counted in the lookup metrics: a skill or tag lookup, not the node's own upkeep.
+        counted: bool,
         reply: oneshot::Sender<Vec<PeerId>>,
     },
     GetCard {
@@ -138,6 +140,9 @@ pub struct PublishReport {
 }
 
 /// A mailbox request on its way.
+/// Where a card lookup's answer goes: the verified card and its signed bytes.
+type CardReply = oneshot::Sender<Option<(AgentCard, Vec<u8>)>>;
+
 struct PendingRequest {
     peer: PeerId,
     request: Vec<u8>,
@@ -159,12 +164,9 @@ struct PublishGroup {
 }
 
 enum Pending {
-    Providers(HashSet<PeerId>, oneshot::Sender<Vec<PeerId>>),
-    Card(
-        PeerId,
-        Option<Box<(AgentCard, Vec<u8>)>>,
-        oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
-    ),
+    /// Providers found so far; whether the lookup counts in the metrics.
+    Providers(HashSet<PeerId>, bool, oneshot::Sender<Vec<PeerId>>),
+    Card(PeerId, Option<Box<(AgentCard, Vec<u8>)>>, CardReply),
     /// Where the peer is, then requests to retry (and connections to make) with it.
     PeerLookup(PeerId, Vec<PendingRequest>),
     /// Addresses from the peer's card, then requests to retry (and connections to make).
@@ -210,6 +212,8 @@ pub(crate) struct EventLoop {
     connected_waiters: Vec<oneshot::Sender<()>>,
 
     requests: HashMap<OutboundRequestId, PendingRequest>,
+    /// Cards asked of their agents; on no answer the DHT is asked.
+    card_requests: HashMap<OutboundRequestId, (PeerId, CardReply)>,
     prekeys: Option<PrekeyBundle>,
     mailboxes: Vec<PeerId>,
     republish_due: Option<Instant>,
@@ -279,6 +283,7 @@ impl EventLoop {
             listen_waiters: Vec::new(),
             connected_waiters: Vec::new(),
             requests: HashMap::new(),
+            card_requests: HashMap::new(),
             queries: HashMap::new(),
             groups: HashMap::new(),
             next_group: 0,
@@ -384,10 +389,14 @@ impl EventLoop {
                 }
             }
             Command::Republish { reply } => self.republish(reply),
-            Command::FindProviders { key, reply } => {
+            Command::FindProviders {
+                key,
+                counted,
+                reply,
+            } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 self.queries
-                    .insert(id, Pending::Providers(HashSet::new(), reply));
+                    .insert(id, Pending::Providers(HashSet::new(), counted, reply));
             }
             Command::GetCard { peer, reply } => {
                 if peer == self.signing.peer_id() {
@@ -399,12 +408,15 @@ impl EventLoop {
                     let _ = reply.send(own);
                     return;
                 }
+                // The agent itself has its newest card, and a lookup found it through a
+                // provider record that came with its addresses: one request, where the DHT
+                // would take a walk of twenty or more. The DHT answers if the agent does not.
                 let id = self
                     .swarm
                     .behaviour_mut()
-                    .kad
-                    .get_record(RecordKey::new(&card_key(&peer)));
-                self.queries.insert(id, Pending::Card(peer, None, reply));
+                    .cards
+                    .send_request(&peer, Vec::new());
+                self.card_requests.insert(id, (peer, reply));
             }
             Command::Connect { peer, reply } => self.connect(peer, reply),
             Command::Mailbox {
@@ -966,6 +978,7 @@ impl EventLoop {
                 self.connect_failed(peer, error.to_string());
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_requests(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Cards(e)) => self.on_cards(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.on_gossip(e),
             _ => {}
         }
@@ -1036,6 +1049,63 @@ impl EventLoop {
         }
     }
 
+    /// Card requests: answer ours with our card; take the answers to our own requests if the
+    /// card verifies as the asked peer's, else ask the DHT.
+    fn on_cards(&mut self, event: request_response::Event<Vec<u8>, Vec<u8>>) {
+        match event {
+            request_response::Event::Message { peer, message, .. } => match message {
+                request_response::Message::Request { channel, .. } => {
+                    // No card yet (just started): an empty answer sends the asker to the DHT.
+                    let card = self.own_card.clone().unwrap_or_default();
+                    if self
+                        .swarm
+                        .behaviour_mut()
+                        .cards
+                        .send_response(channel, card)
+                        .is_err()
+                    {
+                        tracing::debug!(%peer, "card request gone before its answer");
+                    }
+                }
+                request_response::Message::Response {
+                    request_id,
+                    response,
+                } => {
+                    let Some((peer, reply)) = self.card_requests.remove(&request_id) else {
+                        return;
+                    };
+                    match envelope::open::<AgentCard>(&response, &Checks::now().signed_by(peer)) {
+                        Ok(o) if o.value.peer_id == peer => {
+                            let _ = reply.send(Some((o.value, response)));
+                        }
+                        Ok(_) | Err(_) => {
+                            tracing::debug!(%peer, "no valid card from the agent; asking the DHT");
+                            self.card_from_dht(peer, reply);
+                        }
+                    }
+                }
+            },
+            request_response::Event::OutboundFailure {
+                request_id, error, ..
+            } => {
+                if let Some((peer, reply)) = self.card_requests.remove(&request_id) {
+                    tracing::debug!(%peer, "card request failed ({error}); asking the DHT");
+                    self.card_from_dht(peer, reply);
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn card_from_dht(&mut self, peer: PeerId, reply: CardReply) {
+        let id = self
+            .swarm
+            .behaviour_mut()
+            .kad
+            .get_record(RecordKey::new(&card_key(&peer)));
+        self.queries.insert(id, Pending::Card(peer, None, reply));
+    }
+
     fn on_kad(&mut self, event: kad::Event) {
         match event {
             kad::Event::InboundRequest { request } => match request {
@@ -1068,7 +1138,7 @@ impl EventLoop {
                 step,
                 stats,
             } => {
-                let lookup = matches!(self.queries.get(&id), Some(Pending::Providers(..)));
+                let lookup = matches!(self.queries.get(&id), Some(Pending::Providers(_, true, _)));
                 self.on_query(id, result, step.last);
                 if lookup && !self.queries.contains_key(&id) {
                     self.metrics.lookups.inc();
@@ -1110,7 +1180,7 @@ impl EventLoop {
             return;
         };
         match (pending, result) {
-            (Pending::Providers(mut found, reply), QueryResult::GetProviders(r)) => {
+            (Pending::Providers(mut found, counted, reply), QueryResult::GetProviders(r)) => {
                 if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r {
                     found.extend(providers);
                 }
@@ -1120,7 +1190,8 @@ impl EventLoop {
                     }
                     let _ = reply.send(found.into_iter().take(MAX_PROVIDERS_PER_LOOKUP).collect());
                 } else {
-                    self.queries.insert(id, Pending::Providers(found, reply));
+                    self.queries
+                        .insert(id, Pending::Providers(found, counted, reply));
                 }
             }
             (Pending::Card(peer, mut best, reply), QueryResult::GetRecord(r)) => {

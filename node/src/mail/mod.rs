@@ -17,7 +17,7 @@ use std::collections::HashMap;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use futures::{Future, Stream};
 use libp2p::PeerId;
@@ -41,6 +41,19 @@ use olm::{Crypto, CryptoError};
 
 /// Largest message `send` takes: the ciphertext limit less Olm's framing and padding.
 pub const MAX_MESSAGE_BYTES: usize = MAX_CIPHERTEXT_BYTES - 1024;
+
+/// How long a choice of mailboxes found in the DHT stands before it is searched again.
+const MAILBOX_SEARCH_INTERVAL: Duration = Duration::from_secs(10 * 60);
+/// The longest wait between searches that found nothing (the wait doubles from
+/// `mail.fetch_interval`).
+const MAILBOX_SEARCH_MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
+
+/// When the DHT was last searched for mailboxes, and the wait before the next search.
+#[derive(Debug, Default)]
+struct MailboxSearch {
+    last: Option<Instant>,
+    wait: Duration,
+}
 
 /// A received message, as the application gets it.
 pub type Message = InboxEntry;
@@ -99,6 +112,10 @@ pub(crate) struct Messenger {
     arrived: Notify,
     /// Wakes the fetcher (a connection to a mailbox, or a request).
     fetch_now: Notify,
+    /// Mailbox searches are a DHT walk each: a node searches again when its choice is old or a
+    /// mailbox failed, not on every fetch (a 200-node netsim run, every node fetching each 5 s,
+    /// spent most of its dials on them).
+    search: Mutex<MailboxSearch>,
 }
 
 impl Messenger {
@@ -131,6 +148,7 @@ impl Messenger {
             mailboxes: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             fetch_now: Notify::new(),
+            search: Mutex::default(),
         });
         Ok((messenger, bundle))
     }
@@ -471,9 +489,16 @@ impl Messenger {
             return configured.into_iter().take(max).collect();
         }
         let current = self.mailboxes();
+        {
+            let search = self.search.lock().unwrap_or_else(|e| e.into_inner());
+            if search.last.is_some_and(|t| t.elapsed() < search.wait) {
+                return current;
+            }
+        }
         let mut found = self
             .request(|reply| Command::FindProviders {
                 key: RecordKey::new(&mailbox_key()),
+                counted: false,
                 reply,
             })
             .await
@@ -490,6 +515,15 @@ impl Messenger {
                 chosen.push(p);
             }
         }
+        let mut search = self.search.lock().unwrap_or_else(|e| e.into_inner());
+        search.last = Some(Instant::now());
+        search.wait = if chosen.is_empty() {
+            (search.wait * 2)
+                .max(self.config.mail.fetch_interval)
+                .min(MAILBOX_SEARCH_MAX_BACKOFF)
+        } else {
+            MAILBOX_SEARCH_INTERVAL
+        };
         chosen
     }
 
@@ -596,7 +630,13 @@ impl Messenger {
         for m in chosen {
             match self.fetch_from(m).await {
                 Ok(n) => total += n,
-                Err(e) => tracing::debug!(mailbox = %m, "fetch failed: {e}"),
+                Err(e) => {
+                    tracing::debug!(mailbox = %m, "fetch failed: {e}");
+                    // The mailbox may be gone: look for others soon, but not every round
+                    // while it stays down.
+                    let mut search = self.search.lock().unwrap_or_else(|e| e.into_inner());
+                    search.wait = search.wait.min(self.config.mail.fetch_interval * 4);
+                }
             }
         }
         total
