@@ -192,6 +192,26 @@ impl Net {
             .map_or(0, |n| n.bytes_out.load(Ordering::Relaxed))
     }
 
+    /// Links open now (each carries one connection), and the fewest and most one node has.
+    pub fn open_links(&self) -> (usize, usize, usize) {
+        let st = self.lock();
+        let mut per_node = vec![0usize; st.nodes.len()];
+        let mut open = 0;
+        for (a, b, l) in &st.links {
+            if l.strong_count() > 0 {
+                open += 1;
+                for i in [*a, *b] {
+                    if let Some(n) = per_node.get_mut(i) {
+                        *n += 1;
+                    }
+                }
+            }
+        }
+        let min = per_node.iter().copied().min().unwrap_or(0);
+        let max = per_node.iter().copied().max().unwrap_or(0);
+        (open, min, max)
+    }
+
     /// Dial outcomes so far.
     pub fn dial_stats(&self) -> DialStats {
         self.lock().stats

@@ -49,15 +49,15 @@ impl Progress {
     }
 
     /// A new phase of `total` steps (0: no count).
-    pub(crate) fn phase(&self, name: &str, total: usize) {
+    pub(crate) fn phase(&self, name: &str, total: usize, net: &str) {
         *self.shared.phase.lock().unwrap_or_else(|e| e.into_inner()) = (name.to_owned(), total);
         self.shared.done.store(0, Ordering::Relaxed);
         if self.enabled && !self.tty {
             eprintln!(
-                "[{:>6.1} s] {name}{}",
+                "[{:>6.1} s] {name}{} ({net})",
                 self.started.elapsed().as_secs_f64(),
                 if total > 0 {
-                    format!(" ({total})")
+                    format!(" {total}")
                 } else {
                     String::new()
                 }

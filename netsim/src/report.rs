@@ -120,6 +120,8 @@ pub struct Report {
     /// DHT requests per provider lookup, on average. (libp2p's Kademlia does not report hops;
     /// with α = 3 requests in parallel, requests / 3 bounds the sequential rounds from below.)
     pub lookup_requests: f64,
+    /// Of those, requests that failed or timed out.
+    pub lookup_failures: f64,
     /// Calls answered successfully.
     pub call_success: f64,
     /// Call latency.
@@ -184,7 +186,10 @@ impl Report {
             ("discovery time", lat(&self.discovery)),
             (
                 "lookup cost",
-                format!("{:.1} DHT requests per lookup", self.lookup_requests),
+                format!(
+                    "{:.1} DHT requests per lookup, {:.1} of them failed",
+                    self.lookup_requests, self.lookup_failures
+                ),
             ),
             ("call success", pct(self.call_success)),
             ("call latency", lat(&self.calls)),

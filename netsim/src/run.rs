@@ -101,6 +101,12 @@ impl Sim<'_> {
             KadMode::Auto
         };
         c.dht.query_timeout = s.timeout;
+        // A routing-table walk reaches most of a few hundred nodes; every node's falls due
+        // within the same minutes (they started together), and idle connections have closed by
+        // then, so each walk dials again: 66,000 dials in 200 nodes' first walk. Spread over
+        // real machines that is nothing; on two cores it stalls the run. Runs are shorter than
+        // this, so nodes walk once, when they join.
+        c.dht.refresh_interval = Duration::from_secs(3600);
         // Behind NAT a node finds out with AutoNAT, as it would for real; public nodes know.
         c.nat.reachability = if self.placements[i].nat {
             Reachability::Auto
@@ -180,13 +186,24 @@ impl Sim<'_> {
         }
     }
 
-    /// DHT requests all live nodes' lookups have sent so far.
-    fn lookup_requests(&self) -> u64 {
+    /// DHT requests all live nodes' lookups have sent so far, and how many failed.
+    fn lookup_requests(&self) -> (u64, u64) {
         self.nodes
             .iter()
             .flatten()
-            .map(|n| n.lookup_stats().requests)
-            .sum()
+            .map(|n| n.lookup_stats())
+            .fold((0, 0), |(r, f), s| (r + s.requests, f + s.failures))
+    }
+
+    /// Starts a progress phase; its line says how busy the network is.
+    fn phase(&self, name: &str, total: usize) {
+        let dials = self.net.dial_stats();
+        let (open, min, max) = self.net.open_links();
+        let net = format!(
+            "{open} connections open, {min}-{max} per node, {} dials so far",
+            dials.connected
+        );
+        self.progress.phase(name, total, &net);
     }
 
     fn up(&self) -> Vec<usize> {
@@ -383,7 +400,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
 
     // Start: public nodes one by one (each bootstraps from the ones before), then the rest in
     // batches.
-    sim.progress.phase("start", s.nodes);
+    sim.phase("start", s.nodes);
     for i in 0..s.public_nodes() {
         sim.start(i).await?;
         let addr = with_peer(Net::addr(i), sim.peers[i]);
@@ -406,19 +423,28 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         next = end;
     }
     let startup_secs = started.elapsed().as_secs_f64();
-    sim.progress.phase("publish", s.nodes);
+    sim.phase("publish", s.nodes);
     sim.publishing = true;
-    for i in 0..s.nodes {
-        if let Some(node) = &sim.nodes[i] {
-            sim.register(i, node).await?;
-        }
-        sim.progress.tick();
-    }
-    sim.progress.phase("settle", 0);
+    // Servers publish at once, as independent agents would; each waits for its DHT puts.
+    let sim_ref = &sim;
+    let published: Vec<Result<(), SimError>> = stream::iter(0..s.nodes)
+        .map(|i| async move {
+            let out = match &sim_ref.nodes[i] {
+                Some(node) => sim_ref.register(i, node).await,
+                None => Ok(()),
+            };
+            sim_ref.progress.tick();
+            out
+        })
+        .buffer_unordered(PARALLEL)
+        .collect()
+        .await;
+    published.into_iter().collect::<Result<(), SimError>>()?;
+    sim.phase("settle", 0);
     tokio::time::sleep(s.settle).await;
 
     // Lookups: a random node looks for a random skill; success = every server found.
-    sim.progress.phase("lookups", s.lookups);
+    sim.phase("lookups", s.lookups);
     let before = sim.lookup_requests();
     let lookups: Vec<(usize, usize)> = (0..s.lookups)
         .map(|_| (rng.random_range(0..s.nodes), rng.random_range(0..s.skills)))
@@ -450,14 +476,18 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
     let after = sim.lookup_requests();
     let discovery_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
     let discovery_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
-    let lookup_requests = if results.is_empty() {
-        0.0
-    } else {
-        after.saturating_sub(before) as f64 / results.len() as f64
+    let per_lookup = |after: u64, before: u64| {
+        if results.is_empty() {
+            0.0
+        } else {
+            after.saturating_sub(before) as f64 / results.len() as f64
+        }
     };
+    let lookup_requests = per_lookup(after.0, before.0);
+    let lookup_failures = per_lookup(after.1, before.1);
 
     // Calls: a random node calls a random server of a random skill.
-    sim.progress.phase("calls", s.calls);
+    sim.phase("calls", s.calls);
     let calls: Vec<(usize, usize, usize)> = (0..s.calls)
         .map(|_| {
             let k = rng.random_range(0..s.skills);
@@ -500,7 +530,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
     let connections = connection_census(&sim).await;
 
     // Events with no faults: each must reach every other node once.
-    sim.progress.phase("gossip", s.events);
+    sim.phase("gossip", s.events);
     let everyone: Vec<usize> = (0..s.nodes).collect();
     let events = sim.publish(&mut rng, &everyone, s.events).await?;
     let expected = expect(&events, &everyone);
@@ -516,6 +546,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         discovery_success,
         discovery: Latency::of(&discovery_samples),
         lookup_requests,
+        lookup_failures,
         call_success,
         calls: Latency::of(&call_samples),
         gossip_delivery,
@@ -554,7 +585,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         gossip_ms: to_ms(&gossip_samples),
         mail_ms: to_ms(&mail_samples),
     };
-    sim.progress.phase("shutdown", 0);
+    sim.phase("shutdown", 0);
     for i in 0..s.nodes {
         sim.stop(i).await;
     }
@@ -617,8 +648,7 @@ async fn churn(
     let eligible: Vec<usize> = (s.public_nodes()..s.nodes).collect();
     let leave = ((eligible.len() as f64) * c.fraction).round() as usize;
     let mut expected = Vec::new();
-    sim.progress
-        .phase("churn", c.rounds as usize * (c.events + 2 * leave));
+    sim.phase("churn", c.rounds as usize * (c.events + 2 * leave));
     for _ in 0..c.rounds {
         let gone: Vec<usize> = eligible.sample(rng, leave).copied().collect();
         for &i in &gone {
@@ -657,7 +687,7 @@ async fn partition(
     for (rank, &i) in order.iter().enumerate() {
         groups[i] = rank as u32 % p.groups;
     }
-    sim.progress.phase("partition", 2 * p.events);
+    sim.phase("partition", 2 * p.events);
     sim.net.partition(groups.clone());
     let groups = &groups;
     let started = Instant::now();
@@ -722,7 +752,7 @@ async fn mail(
     let eligible: Vec<usize> = (s.public_nodes()..s.nodes).collect();
     let recipients: Vec<usize> = eligible.sample(rng, m.recipients).copied().collect();
     let total = m.recipients * m.messages;
-    sim.progress.phase("mail", 2 * total);
+    sim.phase("mail", 2 * total);
     // Recipients publish cards naming their mailboxes; give the cards a moment to land.
     for &r in &recipients {
         let node = sim.node(r)?;
