@@ -177,8 +177,7 @@ pub struct NetworkConfig {
     /// at twice it.
     pub max_connections: u32,
     /// Connections being set up at once, incoming and outgoing each. A stalled DHT lookup has
-    /// up to twenty requests out, and a node's neighbours all dial it when they join: at 32, a
-    /// 200-node netsim run failed lookup requests on the limit before they were sent.
+    /// up to twenty requests out at once, and a node's neighbours all dial it as they join.
     pub max_pending: u32,
     /// Connections to one peer.
     pub max_per_peer: u32,

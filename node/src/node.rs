@@ -457,6 +457,7 @@ impl Node {
         )
         .await
         .map_err(|_| Error::Timeout(timeout))??;
+        tracing::debug!(%query, providers = providers.len(), "providers found");
         let cards = providers.into_iter().map(|peer| async move {
             let card = tokio::time::timeout(
                 timeout,

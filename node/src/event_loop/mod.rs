@@ -54,6 +54,9 @@ const RESPONSE_BUFFER: usize = 1024;
 pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
 /// How long shutdown waits for calls in flight to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
+/// The first wait before announcements that reached nobody go out again; it doubles up to
+/// `dht.republish_interval`.
+const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// How often the connection count is checked against the watermarks.
 const TRIM_INTERVAL: Duration = Duration::from_secs(2);
 /// At most one DHT bootstrap this often when bootstrap peers connect (libp2p's Kademlia also
@@ -139,10 +142,10 @@ pub struct PublishReport {
     pub keys_replicated: usize,
 }
 
-/// A mailbox request on its way.
 /// Where a card lookup's answer goes: the verified card and its signed bytes.
 type CardReply = oneshot::Sender<Option<(AgentCard, Vec<u8>)>>;
 
+/// A mailbox request on its way.
 struct PendingRequest {
     peer: PeerId,
     request: Vec<u8>,
@@ -217,6 +220,8 @@ pub(crate) struct EventLoop {
     prekeys: Option<PrekeyBundle>,
     mailboxes: Vec<PeerId>,
     republish_due: Option<Instant>,
+    /// Wait before the next retry of an announcement that did not replicate.
+    publish_retry: Duration,
     nat: nat::Nat,
     queries: HashMap<QueryId, Pending>,
     groups: HashMap<u64, PublishGroup>,
@@ -260,6 +265,7 @@ impl EventLoop {
             prekeys: Some(prekeys),
             mailboxes: Vec::new(),
             republish_due: None,
+            publish_retry: PUBLISH_RETRY,
             nat: nat::Nat::new(config.nat.reachability),
             activity,
             stop_serving,
@@ -770,6 +776,24 @@ impl EventLoop {
         self.presence_due = Some(Instant::now());
     }
 
+    /// A key whose publication walk timed out was stored nowhere (libp2p sends provider
+    /// records only after the walk), and lookups miss it until the next republish, 30 min
+    /// away by default: go again soon instead, backing off while it keeps failing.
+    fn after_publish(&mut self, report: &PublishReport) {
+        if report.card_replicated && report.keys_replicated == report.keys {
+            self.publish_retry = PUBLISH_RETRY;
+            return;
+        }
+        let retry = Instant::now() + self.publish_retry;
+        tracing::debug!(
+            ?report,
+            retry_in = ?self.publish_retry,
+            "announcements did not all replicate"
+        );
+        self.republish_due = Some(self.republish_due.map_or(retry, |t| t.min(retry)));
+        self.publish_retry = (self.publish_retry * 2).min(self.config.dht.republish_interval);
+    }
+
     fn housekeeping(&mut self) {
         self.keep_connected();
         if self.republish_due.is_some_and(|t| t <= Instant::now()) {
@@ -1276,9 +1300,11 @@ impl EventLoop {
                     }
                     if g.remaining == 0
                         && let Some(g) = self.groups.remove(&group)
-                        && let Some(reply) = g.reply
                     {
-                        let _ = reply.send(g.report);
+                        self.after_publish(&g.report);
+                        if let Some(reply) = g.reply {
+                            let _ = reply.send(g.report);
+                        }
                     }
                 }
             }
@@ -1300,17 +1326,16 @@ impl EventLoop {
                     *t = Instant::now();
                 }
                 let topic = message.topic.as_str().to_owned();
-                let verdict = message.source.ok_or("unsigned message").and_then(|source| {
-                    envelope::open::<Event>(&message.data, &Checks::now().signed_by(source))
-                        .map_err(|_| "bad event envelope")
-                        .and_then(|o| {
-                            if o.value.topic == topic {
-                                Ok(o.value)
-                            } else {
-                                Err("topic mismatch")
-                            }
-                        })
-                });
+                // The envelope's signer is the publisher (gossipsub messages are unsigned).
+                let verdict = envelope::open::<Event>(&message.data, &Checks::now())
+                    .map_err(|_| "bad event envelope")
+                    .and_then(|o| {
+                        if o.value.topic == topic {
+                            Ok(o.value)
+                        } else {
+                            Err("topic mismatch")
+                        }
+                    });
                 let acceptance = match &verdict {
                     Ok(_) if !self.within_topic_rate(&topic) => MessageAcceptance::Ignore,
                     Ok(_) => MessageAcceptance::Accept,
