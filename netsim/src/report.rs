@@ -128,6 +128,10 @@ pub struct Report {
     pub calls: Latency,
     /// The most common reasons calls failed, with counts.
     pub call_errors: Vec<(String, usize)>,
+    /// The most common reasons lookups failed, with counts.
+    pub lookup_errors: Vec<(String, usize)>,
+    /// Servers whose first announcements did not all reach another node (the node retries).
+    pub publish_incomplete: usize,
     /// Direct and relayed connections after the calls.
     pub connections: Connections,
     /// Deliveries received / deliveries expected (every event at every other node).
@@ -184,6 +188,20 @@ impl Report {
             ("start-up", format!("{:.1} s", self.startup_secs)),
             ("discovery success", pct(self.discovery_success)),
             ("discovery time", lat(&self.discovery)),
+        ];
+        for (e, n) in &self.lookup_errors {
+            rows.push(("  lookup failure", format!("{n} x {e}")));
+        }
+        if self.publish_incomplete > 0 {
+            rows.push((
+                "  announcements",
+                format!(
+                    "{} servers' first announcements timed out somewhere (retried)",
+                    self.publish_incomplete
+                ),
+            ));
+        }
+        rows.extend([
             (
                 "lookup cost",
                 format!(
@@ -193,7 +211,7 @@ impl Report {
             ),
             ("call success", pct(self.call_success)),
             ("call latency", lat(&self.calls)),
-        ];
+        ]);
         for (e, n) in &self.call_errors {
             rows.push(("  call failure", format!("{n} x {e}")));
         }

@@ -168,13 +168,18 @@ impl Sim<'_> {
         Ok(())
     }
 
-    async fn register(&self, i: usize, node: &Node) -> Result<(), SimError> {
+    /// Registers node `i`'s skills; whether every announcement reached another node.
+    async fn register(&self, i: usize, node: &Node) -> Result<bool, SimError> {
+        let mut replicated = true;
         for &k in &self.serves[i] {
-            node.register_skill(spec(k)?, echo)
+            let report = node
+                .register_skill(spec(k)?, echo)
                 .await
                 .map_err(node_err)?;
+            // Each registration announces everything again: the last report tells.
+            replicated = report.card_replicated && report.keys_replicated == report.keys;
         }
-        Ok(())
+        Ok(replicated)
     }
 
     async fn stop(&mut self, i: usize) {
@@ -423,15 +428,19 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         next = end;
     }
     let startup_secs = started.elapsed().as_secs_f64();
-    sim.phase("publish", s.nodes);
+    sim.phase(
+        "publish",
+        sim.serves.iter().filter(|k| !k.is_empty()).count(),
+    );
     sim.publishing = true;
     // Servers publish at once, as independent agents would; each waits for its DHT puts.
     let sim_ref = &sim;
-    let published: Vec<Result<(), SimError>> = stream::iter(0..s.nodes)
+    let published: Vec<Result<bool, SimError>> = stream::iter(0..s.nodes)
+        .filter(|&i| std::future::ready(!sim_ref.serves[i].is_empty()))
         .map(|i| async move {
             let out = match &sim_ref.nodes[i] {
                 Some(node) => sim_ref.register(i, node).await,
-                None => Ok(()),
+                None => Ok(true),
             };
             sim_ref.progress.tick();
             out
@@ -439,7 +448,10 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    published.into_iter().collect::<Result<(), SimError>>()?;
+    let published = published
+        .into_iter()
+        .collect::<Result<Vec<bool>, SimError>>()?;
+    let publish_incomplete = published.iter().filter(|ok| !**ok).count();
     sim.phase("settle", 0);
     tokio::time::sleep(s.settle).await;
 
@@ -450,32 +462,52 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .map(|_| (rng.random_range(0..s.nodes), rng.random_range(0..s.skills)))
         .collect();
     let progress = &sim.progress;
-    let results: Vec<(bool, Duration)> = stream::iter(lookups)
+    let results: Vec<(Result<(), String>, Duration)> = stream::iter(lookups)
         .map(|(i, k)| {
             let node = sim.nodes[i].clone();
             let expected: HashSet<PeerId> = servers[k].iter().map(|&j| sim.peers[j]).collect();
             async move {
                 let t = Instant::now();
-                let got: HashSet<PeerId> = match node {
+                let outcome = match node {
                     Some(node) => {
                         match tokio::time::timeout(s.timeout, node.find_skill(&skill_name(k))).await
                         {
-                            Ok(Ok(f)) => f.into_iter().map(|f| f.peer).collect(),
-                            _ => HashSet::new(),
+                            Ok(Ok(f)) => {
+                                let got: HashSet<PeerId> = f.into_iter().map(|f| f.peer).collect();
+                                let missing = expected.difference(&got).count();
+                                if missing == 0 {
+                                    Ok(())
+                                } else {
+                                    Err(format!(
+                                        "{missing} of {} servers not found",
+                                        expected.len()
+                                    ))
+                                }
+                            }
+                            Ok(Err(e)) => Err(e.to_string()),
+                            Err(_) => Err(format!("no answer within {:?}", s.timeout)),
                         }
                     }
-                    None => HashSet::new(),
+                    None => Err("looking node offline".to_owned()),
                 };
                 progress.tick();
-                (expected.is_subset(&got), t.elapsed())
+                (outcome, t.elapsed())
             }
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
     let after = sim.lookup_requests();
-    let discovery_success = ratio(results.iter().filter(|r| r.0).count(), results.len());
-    let discovery_samples: Vec<Duration> = results.iter().filter(|r| r.0).map(|r| r.1).collect();
+    let discovery_success = ratio(
+        results.iter().filter(|r| r.0.is_ok()).count(),
+        results.len(),
+    );
+    let discovery_samples: Vec<Duration> = results
+        .iter()
+        .filter(|r| r.0.is_ok())
+        .map(|r| r.1)
+        .collect();
+    let lookup_errors = top_errors(results.iter().filter_map(|r| r.0.as_ref().err()));
     let per_lookup = |after: u64, before: u64| {
         if results.is_empty() {
             0.0
@@ -554,6 +586,8 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         gossip_duplicates,
         connections,
         call_errors,
+        lookup_errors,
+        publish_incomplete,
         ..Report::default()
     };
 
