@@ -2,8 +2,10 @@
 //!
 //! An agent is a *provider* of `skillmesh/skill/<name>` for each skill it serves and of
 //! `skillmesh/tag/<tag>` for each tag, and stores its signed card under
-//! `skillmesh/card/<peer id>`. A lookup finds providers, then their cards, and keeps only cards
-//! that verify. Records from other peers are verified before this node stores them.
+//! `skillmesh/card/<peer id>`. A lookup finds providers, then asks each for its card
+//! (`/skillmesh/card/1`; the DHT record only when the agent does not answer with one), and keeps
+//! only cards that verify as that agent's. Records from other peers are verified before this
+//! node stores them.
 
 use std::collections::HashSet;
 use std::time::Duration;
