@@ -561,3 +561,89 @@ async fn calls_to_one_peer_run_at_once_and_answer_out_of_order() {
         assert_eq!(out["id"], json!(id));
     }
 }
+
+/// An agent answers `/skillmesh/card/1` with its own signed card, the one frame a lookup reads
+/// instead of walking the DHT; a request that is not empty gets no card.
+#[tokio::test]
+async fn an_agent_hands_out_its_own_card() {
+    use libp2p::futures::{AsyncReadExt, AsyncWriteExt};
+    use libp2p::multiaddr::Protocol;
+    use libp2p::swarm::SwarmEvent;
+    use skillmesh::protocol::AgentCard;
+    use skillmesh::protocol::envelope::Checks;
+    use skillmesh::protocol::keys::CARD_PROTOCOL;
+
+    let nodes = mesh(1, |_| {}).await;
+    let agent = &nodes[1];
+    agent
+        .register_skill(translate_spec(), translate)
+        .await
+        .expect("register");
+    let addr = agent.listen_addrs().await.expect("addrs")[0]
+        .clone()
+        .with(Protocol::P2p(agent.peer_id()));
+
+    // A bare libp2p peer: only streams, no skillmesh code.
+    let mut swarm = libp2p::SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            Default::default(),
+            libp2p::noise::Config::new,
+            libp2p::yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| libp2p_stream::Behaviour::new())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    let mut control = swarm.behaviour().new_control();
+    swarm.dial(addr).expect("dial");
+    tokio::time::timeout(Duration::from_secs(10), async {
+        while !matches!(
+            swarm.select_next_some().await,
+            SwarmEvent::ConnectionEstablished { .. }
+        ) {}
+    })
+    .await
+    .expect("connected");
+    tokio::spawn(async move {
+        loop {
+            swarm.select_next_some().await;
+        }
+    });
+    let protocol = libp2p::StreamProtocol::new(CARD_PROTOCOL);
+
+    let mut stream = control
+        .open_stream(agent.peer_id(), protocol.clone())
+        .await
+        .expect("stream");
+    stream.write_all(&0u32.to_be_bytes()).await.expect("ask");
+    stream.flush().await.expect("flush");
+    let mut len = [0u8; 4];
+    stream.read_exact(&mut len).await.expect("answer length");
+    let mut card = vec![0u8; u32::from_be_bytes(len) as usize];
+    stream.read_exact(&mut card).await.expect("answer");
+    let opened = envelope::open::<AgentCard>(&card, &Checks::now().signed_by(agent.peer_id()))
+        .expect("the agent's own signed card");
+    assert_eq!(opened.value.peer_id, agent.peer_id());
+    assert!(
+        opened
+            .value
+            .skills
+            .iter()
+            .any(|s| s.name.as_str() == "translate"),
+        "the newest card, with the skill just registered"
+    );
+
+    // A request with a body is over the limit (an empty frame): no card comes back.
+    let mut stream = control
+        .open_stream(agent.peer_id(), protocol)
+        .await
+        .expect("stream");
+    stream.write_all(&1u32.to_be_bytes()).await.expect("ask");
+    stream.write_all(&[0]).await.expect("body");
+    stream.flush().await.expect("flush");
+    let mut rest = Vec::new();
+    let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
+    assert!(rest.is_empty(), "no answer to a malformed request");
+}

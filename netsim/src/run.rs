@@ -498,16 +498,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .collect()
         .await;
     let after = sim.lookup_requests();
-    let discovery_success = ratio(
-        results.iter().filter(|r| r.0.is_ok()).count(),
-        results.len(),
-    );
-    let discovery_samples: Vec<Duration> = results
-        .iter()
-        .filter(|r| r.0.is_ok())
-        .map(|r| r.1)
-        .collect();
-    let lookup_errors = top_errors(results.iter().filter_map(|r| r.0.as_ref().err()));
+    let (discovery_success, discovery_samples, lookup_errors) = tally_outcomes(&results);
     let per_lookup = |after: u64, before: u64| {
         if results.is_empty() {
             0.0
@@ -549,16 +540,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
-    let call_success = ratio(
-        results.iter().filter(|r| r.0.is_ok()).count(),
-        results.len(),
-    );
-    let call_samples: Vec<Duration> = results
-        .iter()
-        .filter(|r| r.0.is_ok())
-        .map(|r| r.1)
-        .collect();
-    let call_errors = top_errors(results.iter().filter_map(|r| r.0.as_ref().err()));
+    let (call_success, call_samples, call_errors) = tally_outcomes(&results);
     let connections = connection_census(&sim).await;
 
     // Events with no faults: each must reach every other node once.
@@ -629,6 +611,19 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
 }
 
 /// The most common errors, with how often each came.
+/// Of timed outcomes: the share that succeeded, their times, and the most common errors.
+fn tally_outcomes(
+    results: &[(Result<(), String>, Duration)],
+) -> (f64, Vec<Duration>, Vec<(String, usize)>) {
+    let ok: Vec<Duration> = results
+        .iter()
+        .filter(|r| r.0.is_ok())
+        .map(|r| r.1)
+        .collect();
+    let errors = top_errors(results.iter().filter_map(|r| r.0.as_ref().err()));
+    (ratio(ok.len(), results.len()), ok, errors)
+}
+
 fn top_errors<'a>(errors: impl Iterator<Item = &'a String>) -> Vec<(String, usize)> {
     let mut count: HashMap<&str, usize> = HashMap::new();
     for e in errors {
