@@ -301,6 +301,12 @@ fn spec(k: usize) -> Result<SkillSpec, SimError> {
         .map_err(node_err)
 }
 
+/// The last characters of a peer id, as the node's own logs name it.
+fn short(p: PeerId) -> String {
+    let s = p.to_string();
+    s[s.len().saturating_sub(6)..].to_owned()
+}
+
 fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
     addr.with(Protocol::P2p(peer))
 }
@@ -478,6 +484,12 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                                 if missing == 0 {
                                     Ok(())
                                 } else {
+                                    tracing::debug!(
+                                        looker = %short(node.peer_id()),
+                                        skill = k,
+                                        missing = ?expected.difference(&got).map(|p| short(*p)).collect::<Vec<_>>(),
+                                        "lookup missed servers"
+                                    );
                                     Err(format!(
                                         "{missing} of {} servers not found",
                                         expected.len()

@@ -757,6 +757,7 @@ impl EventLoop {
         }
         pending.report.keys = keys.len();
         for key in &keys {
+            tracing::debug!(key = %hex::encode(key.as_ref()), "announcing");
             match kad.start_providing(key.clone()) {
                 Ok(id) => {
                     self.queries.insert(id, Pending::Publish(group, false));
@@ -1157,14 +1158,21 @@ impl EventLoop {
                     record: Some(record),
                 } => {
                     // kad has checked that the provider is the peer that sent it.
-                    if let Err(e) = self
+                    let (key, provider) = (record.key.clone(), record.provider);
+                    match self
                         .swarm
                         .behaviour_mut()
                         .kad
                         .store_mut()
                         .add_provider(record)
                     {
-                        tracing::debug!("provider record not stored: {e}");
+                        Ok(()) => tracing::debug!(
+                            key = %hex::encode(key.as_ref()),
+                            %provider,
+                            at = %self.signing.peer_id(),
+                            "provider record stored"
+                        ),
+                        Err(e) => tracing::debug!("provider record not stored: {e}"),
                     }
                 }
                 _ => {}
