@@ -168,18 +168,18 @@ impl Sim<'_> {
         Ok(())
     }
 
-    /// Registers node `i`'s skills; whether every announcement reached another node.
+    /// Registers node `i`'s skills; whether every announcement reached another node (each
+    /// registration announces everything again: the last report tells).
     async fn register(&self, i: usize, node: &Node) -> Result<bool, SimError> {
-        let mut replicated = true;
+        let mut last = None;
         for &k in &self.serves[i] {
-            let report = node
-                .register_skill(spec(k)?, echo)
-                .await
-                .map_err(node_err)?;
-            // Each registration announces everything again: the last report tells.
-            replicated = report.card_replicated && report.keys_replicated == report.keys;
+            last = Some(
+                node.register_skill(spec(k)?, echo)
+                    .await
+                    .map_err(node_err)?,
+            );
         }
-        Ok(replicated)
+        Ok(last.is_none_or(|r| r.complete()))
     }
 
     async fn stop(&mut self, i: usize) {
@@ -480,18 +480,15 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                         {
                             Ok(Ok(f)) => {
                                 let got: HashSet<PeerId> = f.into_iter().map(|f| f.peer).collect();
-                                let missing = expected.difference(&got).count();
-                                if missing == 0 {
+                                let missing: Vec<String> =
+                                    expected.difference(&got).map(|p| short(*p)).collect();
+                                if missing.is_empty() {
                                     Ok(())
                                 } else {
-                                    tracing::debug!(
-                                        looker = %short(node.peer_id()),
-                                        skill = k,
-                                        missing = ?expected.difference(&got).map(|p| short(*p)).collect::<Vec<_>>(),
-                                        "lookup missed servers"
-                                    );
+                                    tracing::debug!(looker = %short(node.peer_id()), skill = k, ?missing, "lookup missed servers");
                                     Err(format!(
-                                        "{missing} of {} servers not found",
+                                        "{} of {} servers not found",
+                                        missing.len(),
                                         expected.len()
                                     ))
                                 }

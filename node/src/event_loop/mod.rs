@@ -142,8 +142,21 @@ pub struct PublishReport {
     pub keys_replicated: usize,
 }
 
+impl PublishReport {
+    /// Whether the card and every key reached at least one other peer.
+    pub fn complete(&self) -> bool {
+        self.card_replicated && self.keys_replicated == self.keys
+    }
+}
+
 /// Where a card lookup's answer goes: the verified card and its signed bytes.
 type CardReply = oneshot::Sender<Option<(AgentCard, Vec<u8>)>>;
+
+/// `bytes` as `peer`'s card, if they are a valid card envelope signed by it and about it.
+fn card_of(peer: PeerId, bytes: Vec<u8>) -> Option<(AgentCard, Vec<u8>)> {
+    let opened = envelope::open::<AgentCard>(&bytes, &Checks::now().signed_by(peer)).ok()?;
+    (opened.value.peer_id == peer).then_some((opened.value, bytes))
+}
 
 /// A mailbox request on its way.
 struct PendingRequest {
@@ -406,12 +419,7 @@ impl EventLoop {
             }
             Command::GetCard { peer, reply } => {
                 if peer == self.signing.peer_id() {
-                    let own = self.own_card.clone().and_then(|b| {
-                        envelope::open::<AgentCard>(&b, &Checks::now())
-                            .ok()
-                            .map(|o| (o.value, b))
-                    });
-                    let _ = reply.send(own);
+                    let _ = reply.send(self.own_card.clone().and_then(|b| card_of(peer, b)));
                     return;
                 }
                 // The agent itself has its newest card, and a lookup found it through a
@@ -781,7 +789,7 @@ impl EventLoop {
     /// records only after the walk), and lookups miss it until the next republish, 30 min
     /// away by default: go again soon instead, backing off while it keeps failing.
     fn after_publish(&mut self, report: &PublishReport) {
-        if report.card_replicated && report.keys_replicated == report.keys {
+        if report.complete() {
             self.publish_retry = PUBLISH_RETRY;
             return;
         }
@@ -1112,11 +1120,11 @@ impl EventLoop {
                     let Some((peer, reply)) = self.card_requests.remove(&request_id) else {
                         return;
                     };
-                    match envelope::open::<AgentCard>(&response, &Checks::now().signed_by(peer)) {
-                        Ok(o) if o.value.peer_id == peer => {
-                            let _ = reply.send(Some((o.value, response)));
+                    match card_of(peer, response) {
+                        Some(card) => {
+                            let _ = reply.send(Some(card));
                         }
-                        Ok(_) | Err(_) => {
+                        None => {
                             tracing::debug!(%peer, "no valid card from the agent; asking the DHT");
                             self.card_from_dht(peer, reply);
                         }
