@@ -209,7 +209,7 @@ fn behaviour(
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
         identify,
-        ping: ping::Behaviour::default(),
+        ping: ping::Behaviour::new(ping::Config::new().with_interval(config.network.ping_interval)),
         kad,
         gossipsub,
         streams: libp2p_stream::Behaviour::new(),

@@ -190,6 +190,12 @@ pub struct NetworkConfig {
     /// and closing them only makes someone dial again.
     #[serde(with = "humantime_serde")]
     pub trim_grace: Duration,
+    /// How often each connection is pinged: a TCP connection whose peer vanished (a laptop
+    /// closed, a NAT mapping dropped) is found dead by the ping that goes unanswered. Every
+    /// ping wakes both ends of a connection; a node holding hundreds of connections may ping
+    /// less often.
+    #[serde(with = "humantime_serde")]
+    pub ping_interval: Duration,
 }
 
 impl Default for NetworkConfig {
@@ -217,6 +223,7 @@ impl Default for NetworkConfig {
             max_memory_mib: 0,
             idle_timeout: Duration::from_secs(60),
             trim_grace: Duration::from_secs(30),
+            ping_interval: Duration::from_secs(15),
         }
     }
 }
@@ -627,6 +634,11 @@ impl Config {
         duration_at_least(
             "network.idle_timeout",
             net.idle_timeout,
+            Duration::from_secs(1),
+        )?;
+        duration_at_least(
+            "network.ping_interval",
+            net.ping_interval,
             Duration::from_secs(1),
         )?;
 

@@ -59,8 +59,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// How often the connection count is checked against the watermarks.
 const TRIM_INTERVAL: Duration = Duration::from_secs(2);
-/// At most one DHT bootstrap this often when bootstrap peers connect (libp2p's Kademlia also
-/// bootstraps on its own every five minutes).
+/// At most one DHT bootstrap this often while a node has too few connections (libp2p's
+/// Kademlia also refreshes the table on its own every `dht.refresh_interval`).
 const BOOTSTRAP_SPACING: Duration = Duration::from_secs(60);
 /// How soon a node with no connection at all tries again.
 const RECONNECT_SPACING: Duration = Duration::from_secs(5);
@@ -209,8 +209,10 @@ pub(crate) struct EventLoop {
     /// When each connected peer last connected, called, answered or sent gossip: trimming
     /// closes the longest idle first and spares those active within `trim_grace`.
     last_active: HashMap<PeerId, Instant>,
-    /// Last DHT bootstrap started because a bootstrap peer connected.
+    /// Last DHT bootstrap this loop started (on joining, or with too few connections).
     last_bootstrap: Option<Instant>,
+    /// Whether a bootstrap walk has started (a node with an empty routing table cannot).
+    joined: bool,
     inflight: JoinSet<()>,
     metrics: NodeMetrics,
     p2p_metrics: libp2p::metrics::Metrics,
@@ -290,6 +292,7 @@ impl EventLoop {
             last_trim: Instant::now(),
             last_active: HashMap::new(),
             last_bootstrap: None,
+            joined: false,
             signing,
             registry,
             config,
@@ -561,7 +564,7 @@ impl EventLoop {
                 let _ = self.swarm.dial(addr.clone());
             }
         }
-        let _ = self.swarm.behaviour_mut().kad.bootstrap();
+        self.joined |= self.swarm.behaviour_mut().kad.bootstrap().is_ok();
     }
 
     /// Above the high watermark, closes the least useful connections down to the low one.
@@ -968,15 +971,14 @@ impl EventLoop {
                 for w in self.connected_waiters.drain(..) {
                     let _ = w.send(());
                 }
-                // Fill the routing table around us now that we know someone. Once in a while
-                // only: a bootstrap walks the whole table, and bootstrap peers connect often.
-                if self.bootstrap.contains(&peer_id)
-                    && self
-                        .last_bootstrap
-                        .is_none_or(|t| t.elapsed() >= BOOTSTRAP_SPACING)
-                {
+                // Join: fill the routing table around us now that we know someone. Once: bootstrap
+                // peers connect again and again (every walk meets them), and a walk per
+                // reconnection was a third of all DHT traffic in a 200-node netsim run. The table
+                // is refreshed every `dht.refresh_interval`, and `keep_connected` walks again
+                // when a node is left with too few peers.
+                if self.bootstrap.contains(&peer_id) && !self.joined {
                     self.last_bootstrap = Some(Instant::now());
-                    let _ = self.swarm.behaviour_mut().kad.bootstrap();
+                    self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
@@ -1192,6 +1194,21 @@ impl EventLoop {
                 stats,
             } => {
                 let lookup = matches!(self.queries.get(&id), Some(Pending::Providers(_, true, _)));
+                // Which walks a node makes, and their cost: how netsim's DHT traffic is
+                // attributed (RUST_LOG=skillmesh_node=debug).
+                if step.last {
+                    let kind = match &result {
+                        kad::QueryResult::Bootstrap(_) => "bootstrap",
+                        kad::QueryResult::GetClosestPeers(_) => "closest",
+                        kad::QueryResult::GetProviders(_) => "providers",
+                        kad::QueryResult::StartProviding(_) => "start_providing",
+                        kad::QueryResult::RepublishProvider(_) => "republish_provider",
+                        kad::QueryResult::GetRecord(_) => "get_record",
+                        kad::QueryResult::PutRecord(_) => "put_record",
+                        kad::QueryResult::RepublishRecord(_) => "republish_record",
+                    };
+                    tracing::debug!(kind, requests = stats.num_requests(), "DHT query finished");
+                }
                 self.on_query(id, result, step.last);
                 if lookup && !self.queries.contains_key(&id) {
                     self.metrics.lookups.inc();

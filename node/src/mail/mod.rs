@@ -44,8 +44,11 @@ pub const MAX_MESSAGE_BYTES: usize = MAX_CIPHERTEXT_BYTES - 1024;
 
 /// How long a choice of mailboxes found in the DHT stands before it is searched again.
 const MAILBOX_SEARCH_INTERVAL: Duration = Duration::from_secs(10 * 60);
-/// The longest wait between searches that found nothing (the wait doubles from
-/// `mail.fetch_interval`).
+/// The first wait after a search that found nothing (or `mail.fetch_interval` if longer). A
+/// search is a DHT walk: in a network without mailbox relays, searching every few fetch rounds
+/// made mailbox searches 40 % of all DHT requests in a 200-node netsim run.
+const MAILBOX_SEARCH_MIN_BACKOFF: Duration = Duration::from_secs(60);
+/// The longest wait between searches that found nothing (the wait doubles).
 const MAILBOX_SEARCH_MAX_BACKOFF: Duration = Duration::from_secs(30 * 60);
 
 /// When the DHT was last searched for mailboxes, and the wait before the next search.
@@ -520,6 +523,7 @@ impl Messenger {
         search.wait = if chosen.is_empty() {
             (search.wait * 2)
                 .max(self.config.mail.fetch_interval)
+                .max(MAILBOX_SEARCH_MIN_BACKOFF)
                 .min(MAILBOX_SEARCH_MAX_BACKOFF)
         } else {
             MAILBOX_SEARCH_INTERVAL
