@@ -53,6 +53,31 @@ pub struct Scenario {
     pub partition: Option<Partition>,
     /// Mail to nodes that are offline.
     pub mail: Option<Mail>,
+    /// Node settings that bound each node's memory.
+    #[serde(default)]
+    pub limits: Limits,
+}
+
+/// `[limits]`: the connection watermarks of nodes that are not bootstrap nodes or relays
+/// (those serve everyone and keep the node defaults). Each connection holds buffers; at a
+/// thousand nodes in one process, lower caps are what fits.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct Limits {
+    /// Trimming stops here (`network.min_connections`).
+    pub min_connections: u32,
+    /// Above it the least useful connections close (`network.max_connections`).
+    pub max_connections: u32,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        let n = skillmesh::config::NetworkConfig::default();
+        Limits {
+            min_connections: n.min_connections,
+            max_connections: n.max_connections,
+        }
+    }
 }
 
 /// `[network]`: the model links follow.
@@ -207,6 +232,13 @@ impl Scenario {
             return bad(format!(
                 "network.region_latency_ms must be a {0} x {0} matrix (one row per region)",
                 n.regions.len()
+            ));
+        }
+        let l = &self.limits;
+        if l.min_connections == 0 || l.min_connections > l.max_connections {
+            return bad(format!(
+                "limits.min_connections = {}: must be 1 to limits.max_connections ({})",
+                l.min_connections, l.max_connections
             ));
         }
         if let Some(c) = &self.churn

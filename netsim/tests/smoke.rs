@@ -1,9 +1,14 @@
-//! The CI scenarios: with no faults, everything is found, answered and delivered.
+//! The CI scenarios: with no faults, everything is found, answered and delivered, and nothing
+//! crosses a partition.
 
 use std::path::Path;
 
+/// One scenario at a time: each loads both cores, and two at once would measure the machine.
+static MACHINE: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
 /// Runs a shipped scenario and prints its table (shown when a test fails).
 async fn run(name: &str) -> skillmesh_netsim::Report {
+    let _machine = MACHINE.lock().await;
     let path = Path::new(env!("CARGO_MANIFEST_DIR"))
         .join("scenarios")
         .join(name);
@@ -40,6 +45,21 @@ async fn faults_30_nat_partition_and_mail() {
     assert!(report.dials.partitioned > 0, "{report:?}");
     let m = report.mail.as_ref().expect("mail phase");
     assert_eq!(m.delivered, m.sent, "{report:?}");
+}
+
+/// The 200-node CI run: 200 nodes join within a minute or two, then with no faults every
+/// lookup finds every server and every call is answered; then a partition that nothing crosses.
+#[tokio::test(flavor = "multi_thread")]
+async fn partition_heal_200_finds_calls_and_keeps_the_cut() {
+    let report = run("partition-heal-200.toml").await;
+    assert_eq!(report.nodes, 200);
+    assert_eq!(report.discovery_success, 1.0, "{report:?}");
+    assert_eq!(report.call_success, 1.0, "{report:?}");
+    assert!(report.gossip_delivery >= 0.99, "{report:?}");
+    let p = report.partition.as_ref().expect("partition phase");
+    assert_eq!(p.cross_deliveries, 0, "{report:?}");
+    assert!(p.inside_delivery >= 0.99, "{report:?}");
+    assert!(report.dials.partitioned > 0, "{report:?}");
 }
 
 #[test]

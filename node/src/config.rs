@@ -190,10 +190,10 @@ pub struct NetworkConfig {
     /// and closing them only makes someone dial again.
     #[serde(with = "humantime_serde")]
     pub trim_grace: Duration,
-    /// How often each connection is pinged: a TCP connection whose peer vanished (a laptop
-    /// closed, a NAT mapping dropped) is found dead by the ping that goes unanswered. Every
-    /// ping wakes both ends of a connection; a node holding hundreds of connections may ping
-    /// less often.
+    /// How often each connection is pinged (0 = never): a TCP connection whose peer vanished
+    /// (a laptop closed, a NAT mapping dropped) is found dead by the ping that goes unanswered.
+    /// Every ping wakes both ends of a connection, and each new connection is pinged at once; a
+    /// node holding hundreds of connections may ping less often.
     #[serde(with = "humantime_serde")]
     pub ping_interval: Duration,
 }
@@ -636,11 +636,13 @@ impl Config {
             net.idle_timeout,
             Duration::from_secs(1),
         )?;
-        duration_at_least(
-            "network.ping_interval",
-            net.ping_interval,
-            Duration::from_secs(1),
-        )?;
+        if !net.ping_interval.is_zero() {
+            duration_at_least(
+                "network.ping_interval",
+                net.ping_interval,
+                Duration::from_secs(1),
+            )?;
+        }
 
         MeshName::new(self.mesh.name.clone())
             .map_err(|e| invalid("mesh.name", format!("{:?}", self.mesh.name), e.reason))?;

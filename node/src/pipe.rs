@@ -50,6 +50,8 @@ const CALLEE_IDLE: Duration = Duration::from_secs(60);
 const MAX_PIPES_PER_PEER: usize = 4;
 /// Opening a stream on a connection we have, or dialing one.
 const OPEN_TIMEOUT: Duration = Duration::from_secs(10);
+/// The wait before a second try at opening a pipe whose connection closed under it.
+const REOPEN_PAUSE: Duration = Duration::from_millis(200);
 /// Calls a callee reads ahead of those it answered, per pipe, on top of the per-peer limit:
 /// enough that a caller over the limit hears "busy" instead of silence.
 const READ_AHEAD: usize = 16;
@@ -334,9 +336,13 @@ impl Pipes {
             reason,
         };
         // A connection can close under a stream being opened (trimmed, idle, the peer's
-        // limits); nothing was sent on it, so connect and try once more.
+        // limits); nothing was sent on it, so connect and try once more, after a moment for
+        // the event loop to learn that the connection closed (until then it is "connected").
         let mut last = String::new();
-        for _ in 0..2 {
+        for attempt in 0..2 {
+            if attempt > 0 {
+                tokio::time::sleep(REOPEN_PAUSE).await;
+            }
             let (tx, rx) = oneshot::channel();
             self.commands
                 .upgrade()

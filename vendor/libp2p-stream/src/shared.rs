@@ -107,6 +107,9 @@ impl Shared {
 
     pub(crate) fn on_connection_closed(&mut self, conn: ConnectionId) {
         self.connections.remove(&conn);
+        // skillmesh: upstream kept every closed connection's sender, one entry per connection
+        // ever made.
+        self.senders.remove(&conn);
     }
 
     pub(crate) fn on_dial_failure(&mut self, peer: PeerId, reason: String) {
@@ -129,6 +132,9 @@ impl Shared {
             .connections
             .iter()
             .filter_map(|(c, p)| (p == &peer).then_some(c))
+            // skillmesh: skip a connection whose handler is gone (it is closing, and the swarm
+            // has not said so yet): a stream requested there failed with "receiver is gone".
+            .filter(|c| self.senders.get(c).is_some_and(|s| !s.is_closed()))
             .choose(&mut rand::rng())
             .and_then(|c| self.senders.get(c));
 
