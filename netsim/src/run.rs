@@ -101,7 +101,7 @@ impl Sim<'_> {
         c.network.idle_timeout = Duration::from_secs(30);
         // Links here fail loudly (a partition or a stopped node breaks them at once), so pings
         // find nothing: at 15 s, both ends of 200 nodes' 14,000 connections sent ~1,900 a
-        // second. (No pings at all made one 200-node run slower; not yet understood.)
+        // second.
         c.network.ping_interval = Duration::from_secs(120);
         c.dht.mode = if public || !self.placements[i].nat {
             KadMode::Server

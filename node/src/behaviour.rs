@@ -47,7 +47,7 @@ pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: Toggle<memory_connection_limits::Behaviour>,
     pub(crate) identify: identify::Behaviour,
-    pub(crate) ping: ping::Behaviour,
+    pub(crate) ping: Toggle<ping::Behaviour>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     /// Call pipes: streams handed straight to the calling and serving tasks.
@@ -209,7 +209,14 @@ fn behaviour(
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
         identify,
-        ping: ping::Behaviour::new(ping::Config::new().with_interval(config.network.ping_interval)),
+        // A zero interval would ping without pause: zero means no pings.
+        ping: (!config.network.ping_interval.is_zero())
+            .then(|| {
+                ping::Behaviour::new(
+                    ping::Config::new().with_interval(config.network.ping_interval),
+                )
+            })
+            .into(),
         kad,
         gossipsub,
         streams: libp2p_stream::Behaviour::new(),

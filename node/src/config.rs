@@ -992,6 +992,10 @@ mod tests {
                 "invalid store.max_call_log = 0",
             ),
             (
+                "[network]\nping_interval = \"500ms\"",
+                "invalid network.ping_interval = 500ms: must be at least 1s",
+            ),
+            (
                 "[network]\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]",
                 "invalid network.bootstrap[0] = /ip4/1.2.3.4/tcp/1: must end with /p2p/<peer id>",
             ),
@@ -1000,6 +1004,12 @@ mod tests {
             let e = Config::from_toml(text).expect_err(text).to_string();
             assert!(e.starts_with(want), "{text}: got {e:?}, want {want:?}");
         }
+    }
+
+    #[test]
+    fn zero_ping_interval_means_no_pings() {
+        let c = Config::from_toml("[network]\nping_interval = \"0s\"").expect("valid");
+        assert!(c.network.ping_interval.is_zero());
     }
 
     #[test]
