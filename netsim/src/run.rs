@@ -88,11 +88,11 @@ impl Sim<'_> {
             self.bootstrap.clone()
         };
         c.network.mdns = false;
+        c.network.min_connections = s.limits.min_connections;
+        c.network.max_connections = s.limits.max_connections;
         // Bootstrap nodes and relays are servers: everyone connects to them, and a full one
         // would turn newcomers away. Idle connections close sooner than by default, to keep
         // a thousand nodes in one process small.
-        c.network.min_connections = s.limits.min_connections;
-        c.network.max_connections = s.limits.max_connections;
         if public {
             c.network.min_connections = 64;
             c.network.max_connections = (2 * s.nodes as u32).max(64);
