@@ -15,7 +15,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use skillmesh::config::{Config, KadMode, Reachability};
 use skillmesh::protocol::{Multiaddr, PeerId, ShareMode, SkillSpec};
-use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind};
+use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind, short_id};
 use tokio::task::JoinHandle;
 
 use crate::SimError;
@@ -309,12 +309,6 @@ fn spec(k: usize) -> Result<SkillSpec, SimError> {
         .map_err(node_err)
 }
 
-/// The last characters of a peer id, as the node's own logs name it.
-fn short(p: PeerId) -> String {
-    let s = p.to_string();
-    s[s.len().saturating_sub(6)..].to_owned()
-}
-
 fn with_peer(addr: Multiaddr, peer: PeerId) -> Multiaddr {
     addr.with(Protocol::P2p(peer))
 }
@@ -497,11 +491,11 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                             Ok(Ok(f)) => {
                                 let got: HashSet<PeerId> = f.into_iter().map(|f| f.peer).collect();
                                 let missing: Vec<String> =
-                                    expected.difference(&got).map(|p| short(*p)).collect();
+                                    expected.difference(&got).map(short_id).collect();
                                 if missing.is_empty() {
                                     Ok(())
                                 } else {
-                                    tracing::debug!(looker = %short(node.peer_id()), skill = k, ?missing, "lookup missed servers");
+                                    tracing::debug!(looker = %short_id(&node.peer_id()), skill = k, ?missing, "lookup missed servers");
                                     Err(format!(
                                         "{} of {} servers not found",
                                         missing.len(),

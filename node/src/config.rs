@@ -1007,7 +1007,7 @@ mod tests {
     }
 
     #[test]
-    fn zero_ping_interval_means_no_pings() {
+    fn zero_ping_interval_is_accepted() {
         let c = Config::from_toml("[network]\nping_interval = \"0s\"").expect("valid");
         assert!(c.network.ping_interval.is_zero());
     }

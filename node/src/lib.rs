@@ -88,6 +88,6 @@ pub use error::{Error, Result};
 pub use event_loop::{ConnectionInfo, NatStatus, PublishReport, Reach};
 pub use events::{Delivered, PeerInfo, Subscription};
 pub use mail::{Delivery, Inbox, MAX_MESSAGE_BYTES, Message, SendReport};
-pub use node::{CallOptions, LookupStats, Node, NodeBuilder};
+pub use node::{CallOptions, LookupStats, Node, NodeBuilder, short_id};
 pub use skillmesh_protocol as protocol;
 pub use skills::{CallContext, HandlerError, HandlerFuture, SkillHandler};

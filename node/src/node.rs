@@ -753,8 +753,9 @@ pub struct LookupStats {
     pub failures: u64,
 }
 
-/// The last characters of a peer id: enough to tell nodes apart in logs.
-fn short_id(peer: &PeerId) -> String {
+/// The last characters of a peer id: enough to tell nodes apart in logs (each node's log span
+/// names it so).
+pub fn short_id(peer: &PeerId) -> String {
     let s = peer.to_base58();
     s[s.len().saturating_sub(6)..].to_owned()
 }
