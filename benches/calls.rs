@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
-//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, mail, startup, rss
+//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, verify, mail, startup, rss
 //! ```
 //!
 //! Both sides of each comparison run in this process, over the same transport, with the same
@@ -565,6 +565,58 @@ async fn startup(n: usize, rows: &mut Vec<Row>) {
     boot_node.shutdown().await.ok();
 }
 
+/// Envelope signature checks, one by one and in batches (as call pipes check what arrived
+/// together): CPU time per 256-byte call envelope.
+fn verify(n: usize, rows: &mut Vec<Row>) {
+    use skillmesh::protocol::envelope;
+    use skillmesh::protocol::{Call, CallId, Mode, SigningKey, SkillName, Timestamp};
+    let key =
+        SigningKey::from_keypair(&libp2p::identity::Keypair::generate_ed25519()).expect("ed25519");
+    let now = Timestamp::now();
+    let envelopes: Vec<Vec<u8>> = (0..n)
+        .map(|_| {
+            let call = Call {
+                call_id: CallId(rand::random()),
+                caller: key.peer_id(),
+                target: PeerId::random(),
+                skill: SkillName::new("echo").expect("name"),
+                version_req: "*".parse().expect("req"),
+                args: ByteBuf::from(vec![0x78u8; 256]),
+                issued_at: now,
+                expires_at: now.saturating_add(Duration::from_secs(60)),
+                mode: Mode::Sync,
+                grant: None,
+            };
+            envelope::seal(&key, &call).expect("seal")
+        })
+        .collect();
+    let refs: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+    let t = Instant::now();
+    let alone = refs.iter().filter(|e| envelope::verify(e).is_ok()).count();
+    let one_by_one = t.elapsed() / n as u32;
+    for batch in [8, 32] {
+        let t = Instant::now();
+        let ok: usize = refs
+            .chunks(batch)
+            .map(|c| {
+                envelope::verify_batch(c)
+                    .iter()
+                    .filter(|r| r.is_ok())
+                    .count()
+            })
+            .sum();
+        let batched = t.elapsed() / n as u32;
+        assert_eq!((alone, ok), (n, n), "every envelope verifies");
+        rows.push(Row {
+            what: format!("signature check per call envelope, batches of {batch}"),
+            skillmesh: format!("{:.1} us", batched.as_secs_f64() * 1e6),
+            plain: format!("{:.1} us", one_by_one.as_secs_f64() * 1e6),
+            ratio: format!("{:.2}x", batched.as_secs_f64() / one_by_one.as_secs_f64()),
+            target: "(plain: one by one)",
+        });
+    }
+}
+
 /// Resident memory of an idle `skillmesh run` daemon.
 fn idle_rss(rows: &mut Vec<Row>) {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -615,7 +667,7 @@ fn idle_rss(rows: &mut Vec<Row>) {
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only NAME` runs one group: sequential, in-flight, cold, mail, startup, rss.
+    // `--only NAME` runs one group: sequential, in-flight, cold, verify, mail, startup, rss.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -638,6 +690,9 @@ async fn main() {
         if run("cold") {
             cold(net, cold_n, &mut rows).await;
         }
+    }
+    if run("verify") {
+        verify(if quick { 2_000 } else { 20_000 }, &mut rows);
     }
     if run("mail") {
         mailbox(if quick { 200 } else { 1000 }, &mut rows).await;

@@ -74,10 +74,43 @@ impl Inbound {
 
     /// Checks and runs one call from `peer`; returns the signed result envelope.
     pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
+        let call = envelope::open::<Call>(&request, &self.checks(peer)).map(|o| o.value);
+        self.handle_opened(peer, &request, call).await
+    }
+
+    /// Opens calls that arrived from `peer` together: their signatures are checked as one
+    /// batch (see [`envelope::verify_batch`]), then each is decoded and checked on its own.
+    pub(crate) fn open(
+        &self,
+        peer: PeerId,
+        requests: &[&[u8]],
+    ) -> Vec<Result<Call, EnvelopeError>> {
+        let checks = self.checks(peer);
+        envelope::verify_batch(requests)
+            .into_iter()
+            .map(|v| v.and_then(|v| v.decode::<Call>(&checks)).map(|o| o.value))
+            .collect()
+    }
+
+    fn checks(&self, peer: PeerId) -> Checks {
+        Checks {
+            now: Timestamp::now(),
+            max_skew: self.max_skew,
+            expected_signer: Some(peer),
+        }
+    }
+
+    /// [`Inbound::handle`] for a call already opened (or refused) by [`Inbound::open`].
+    pub(crate) async fn handle_opened(
+        &self,
+        peer: PeerId,
+        request: &[u8],
+        call: Result<Call, EnvelopeError>,
+    ) -> Vec<u8> {
         let received = Instant::now();
         let started_at = Timestamp::now();
-        let (call_id, skill_name) = peek(&request);
-        let (status, output, error, run_ms) = match self.admit_and_run(peer, &request).await {
+        let (call_id, skill_name) = peek(request);
+        let (status, output, error, run_ms) = match self.admit_and_run(peer, call).await {
             Ok((out, run)) => (CallStatus::Completed, Some(ByteBuf::from(out)), None, run),
             Err(e) => (CallStatus::Failed, None, Some(e), 0),
         };
@@ -131,17 +164,10 @@ impl Inbound {
     async fn admit_and_run(
         &self,
         peer: PeerId,
-        request: &[u8],
+        call: Result<Call, EnvelopeError>,
     ) -> Result<(Vec<u8>, u32), CallError> {
         let now = Timestamp::now();
-        let checks = Checks {
-            now,
-            max_skew: self.max_skew,
-            expected_signer: Some(peer),
-        };
-        let call = envelope::open::<Call>(request, &checks)
-            .map_err(refusal)?
-            .value;
+        let call = call.map_err(refusal)?;
         if call.target != self.me {
             return Err(CallError::new(
                 ErrorCode::WrongTarget,
@@ -358,9 +384,9 @@ pub(crate) fn final_state(error: Option<&CallError>) -> CallState {
     }
 }
 
-/// Reads a signed result from `peer` for a call we made.
+/// Checks a result from `peer`, opened from its signed envelope, against the call we made.
 pub(crate) fn read_result(
-    bytes: &[u8],
+    opened: Result<CallResult, EnvelopeError>,
     peer: PeerId,
     me: PeerId,
     call_id: CallId,
@@ -369,9 +395,7 @@ pub(crate) fn read_result(
         peer: Box::new(peer),
         reason,
     };
-    let result = envelope::open::<CallResult>(bytes, &Checks::now().signed_by(peer))
-        .map_err(|e| bad(e.to_string()))?
-        .value;
+    let result = opened.map_err(|e| bad(e.to_string()))?;
     if result.caller != me {
         return Err(bad(format!("result is addressed to {}", result.caller)));
     }

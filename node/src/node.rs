@@ -10,7 +10,7 @@ use libp2p::multiaddr::Protocol;
 use libp2p::{Multiaddr, PeerId};
 use serde_bytes::ByteBuf;
 use serde_json::Value;
-use skillmesh_protocol::envelope;
+use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::{
     Call, CallId, CallResult, CallStatus, Event, MAX_CALL_ARGS_BYTES, MAX_CALL_WINDOW,
     MAX_OUTPUT_BYTES, MeshName, Mode, SigningKey, SkillName, SkillSpec, Tag, Timestamp,
@@ -605,15 +605,16 @@ impl Node {
         // A call to ourselves (a skill found by discovery may be our own) cannot be dialled; it
         // goes through the same signed pipeline and checks, without the network.
         let response = if peer == self.inner.peer_id {
-            tokio::time::timeout(timeout, self.inner.inbound.handle(peer, request))
+            let bytes = tokio::time::timeout(timeout, self.inner.inbound.handle(peer, request))
                 .await
-                .map_err(|_| Error::Timeout(timeout))?
+                .map_err(|_| Error::Timeout(timeout))?;
+            envelope::open::<CallResult>(&bytes, &Checks::now().signed_by(peer)).map(|o| o.value)
         } else {
             tokio::time::timeout(timeout, self.inner.pipes.call(peer, request))
                 .await
                 .map_err(|_| Error::Timeout(timeout))??
         };
-        read_result(&response, peer, self.inner.peer_id, call_id)
+        read_result(response, peer, self.inner.peer_id, call_id)
     }
 
     /// Subscribes to an application topic (`name` of `a-z A-Z 0-9 . _ - /`) of this mesh.

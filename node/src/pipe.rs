@@ -18,11 +18,14 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use libp2p::futures::io::ReadHalf;
-use libp2p::futures::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt};
+use libp2p::futures::io::{BufReader, ReadHalf};
+use libp2p::futures::{
+    AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt,
+};
 use libp2p::{PeerId, Stream, StreamProtocol};
-use skillmesh_protocol::Kind;
+use skillmesh_protocol::envelope::{self, Checks, MAX_BATCH};
 use skillmesh_protocol::keys::CALL_PROTOCOL;
+use skillmesh_protocol::{CallResult, EnvelopeError, Kind};
 use tokio::sync::{Semaphore, mpsc, oneshot, watch};
 
 use crate::calls::Inbound;
@@ -55,6 +58,12 @@ const REOPEN_PAUSE: Duration = Duration::from_millis(200);
 /// Calls a callee reads ahead of those it answered, per pipe, on top of the per-peer limit:
 /// enough that a caller over the limit hears "busy" instead of silence.
 const READ_AHEAD: usize = 16;
+/// Each pipe reader's buffer: frames that arrive together are read from it together, and their
+/// signatures checked as one batch.
+const READ_BUFFER: usize = 64 * 1024;
+
+/// A result as the caller's pipe read it: signature checked, decoded, signed by the callee.
+pub(crate) type Answer = std::result::Result<CallResult, EnvelopeError>;
 
 /// Calls in flight per peer, both ways, and when each peer last had one: the event loop spares
 /// busy and recently busy peers' connections when it trims.
@@ -177,6 +186,58 @@ async fn read_frame<R: AsyncRead + Unpin>(
     Ok(Some((u64::from_be_bytes(tag), bytes)))
 }
 
+/// Reads one frame, waiting for it, then those already buffered behind it, `limit` in all at
+/// most: frames that arrived together are handled, and their signatures checked, together.
+/// Empty at a clean end of stream.
+async fn read_frames<R: AsyncRead + Unpin>(
+    io: &mut BufReader<R>,
+    max: usize,
+    limit: usize,
+) -> io::Result<Vec<(u64, Vec<u8>)>> {
+    let mut frames = Vec::new();
+    let Some(first) = read_frame(io, max).await? else {
+        return Ok(frames);
+    };
+    frames.push(first);
+    while frames.len() < limit {
+        match buffered_frame(io, max)? {
+            Some(f) => frames.push(f),
+            None => break,
+        }
+    }
+    Ok(frames)
+}
+
+/// The next frame, if all of it is in `io`'s buffer already; the same checks as [`read_frame`].
+fn buffered_frame<R: AsyncRead + Unpin>(
+    io: &mut BufReader<R>,
+    max: usize,
+) -> io::Result<Option<(u64, Vec<u8>)>> {
+    let buf = io.buffer();
+    let Some(len) = buf.get(..4).and_then(|l| <[u8; 4]>::try_from(l).ok()) else {
+        return Ok(None);
+    };
+    let len = u32::from_be_bytes(len) as usize;
+    if len > max + 8 {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes is over the limit of {}", max + 8),
+        ));
+    }
+    let Some(frame) = buf.get(4..4 + len) else {
+        return Ok(None);
+    };
+    let Some((tag, body)) = frame.split_first_chunk::<8>() else {
+        return Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!("frame of {len} bytes has no room for its tag"),
+        ));
+    };
+    let f = (u64::from_be_bytes(*tag), body.to_vec());
+    io.consume_unpin(4 + len);
+    Ok(Some(f))
+}
+
 /// Writes queued frames, several per write when they queue up, until the queue closes, an empty
 /// frame asks to close, or a write fails; then closes the stream's write side.
 async fn write_frames<W: AsyncWrite + Unpin>(mut io: W, mut rx: mpsc::Receiver<Vec<u8>>) {
@@ -230,7 +291,7 @@ struct Pipe {
 
 struct PipeState {
     next: u64,
-    pending: HashMap<u64, oneshot::Sender<std::result::Result<Vec<u8>, PipeError>>>,
+    pending: HashMap<u64, oneshot::Sender<std::result::Result<Answer, PipeError>>>,
     last_used: Instant,
     closed: bool,
     /// Whether the callee said it took the pipe.
@@ -262,9 +323,9 @@ impl Pipes {
         })
     }
 
-    /// Sends a call envelope to `peer` and returns its result envelope. The caller bounds the
-    /// time.
-    pub(crate) async fn call(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Result<Vec<u8>> {
+    /// Sends a call envelope to `peer` and returns its result, opened (or why it could not be).
+    /// The caller bounds the time.
+    pub(crate) async fn call(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Result<Answer> {
         let _busy = self.activity.begin(peer, false);
         // A pipe may close before the callee read our call: between our finding it and the call
         // going out (it went idle, its connection closed), or before the callee took it (it had
@@ -409,7 +470,7 @@ impl Pipe {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
     }
 
-    async fn call(self: &Arc<Self>, request: &[u8]) -> std::result::Result<Vec<u8>, PipeError> {
+    async fn call(self: &Arc<Self>, request: &[u8]) -> std::result::Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
         let tag = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -439,27 +500,42 @@ impl Pipe {
     async fn read_results(
         self: Arc<Self>,
         peer: PeerId,
-        mut read: ReadHalf<Stream>,
+        read: ReadHalf<Stream>,
         pipes: Arc<Pipes>,
     ) {
         let max = Kind::CallResult.max_envelope();
+        let mut read = BufReader::with_capacity(READ_BUFFER, read);
         let end = loop {
-            match read_frame(&mut read, max).await {
-                Ok(Some((tag, body))) => {
-                    let waiter = {
-                        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-                        if tag == ACCEPTED {
-                            st.accepted = true;
-                        }
-                        st.pending.remove(&tag)
-                    };
-                    // No waiter: the call timed out here; its late answer is dropped.
-                    if let Some(w) = waiter {
-                        let _ = w.send(Ok(body));
-                    }
-                }
-                Ok(None) => break "closed".to_owned(),
+            let frames = match read_frames(&mut read, max, MAX_BATCH).await {
+                Ok(f) if f.is_empty() => break "closed".to_owned(),
+                Ok(f) => f,
                 Err(e) => break e.to_string(),
+            };
+            let results: Vec<&[u8]> = frames
+                .iter()
+                .filter(|(tag, _)| *tag != ACCEPTED)
+                .map(|(_, body)| body.as_slice())
+                .collect();
+            let checks = Checks::now().signed_by(peer);
+            let mut answers = envelope::verify_batch(&results)
+                .into_iter()
+                .map(|v| {
+                    v.and_then(|v| v.decode::<CallResult>(&checks))
+                        .map(|o| o.value)
+                })
+                .collect::<Vec<Answer>>()
+                .into_iter();
+            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            for (tag, _) in &frames {
+                if *tag == ACCEPTED {
+                    st.accepted = true;
+                    continue;
+                }
+                let answer = answers.next();
+                // No waiter: the call timed out here; its late answer is dropped.
+                if let (Some(w), Some(a)) = (st.pending.remove(tag), answer) {
+                    let _ = w.send(Ok(a));
+                }
             }
         };
         tracing::debug!(%peer, "call pipe ended: {end}");
@@ -614,28 +690,30 @@ async fn serve_pipe(
     limits: ServeLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (mut read, write) = stream.split();
-    let (frames, rx) = mpsc::channel(WRITE_QUEUE);
+    let (read, write) = stream.split();
+    let (frames_tx, rx) = mpsc::channel(WRITE_QUEUE);
     tokio::spawn(write_frames(write, rx));
-    if frames.send(frame(ACCEPTED, &[])).await.is_err() {
+    if frames_tx.send(frame(ACCEPTED, &[])).await.is_err() {
         return;
     }
     let room = Arc::new(Semaphore::new(limits.per_pipe));
     let max = Kind::Call.max_envelope();
+    let mut read = BufReader::with_capacity(READ_BUFFER, read);
     loop {
         // Reading stops while the pipe has its fill of calls running: the caller's stream
         // window fills and it waits, instead of us queueing without bound.
-        let Ok(slot) = room.clone().acquire_owned().await else {
+        let Ok(first) = room.clone().acquire_owned().await else {
             return;
         };
+        let limit = (1 + room.available_permits()).min(MAX_BATCH);
         let next = tokio::select! {
-            r = tokio::time::timeout(CALLEE_IDLE, read_frame(&mut read, max)) => r,
+            r = tokio::time::timeout(CALLEE_IDLE, read_frames(&mut read, max, limit)) => r,
             // Shutting down: no new calls; those running still answer.
             _ = stop.wait_for(|s| *s) => break,
         };
-        let (tag, request) = match next {
-            Ok(Ok(Some(f))) => f,
-            Ok(Ok(None)) => break,
+        let frames = match next {
+            Ok(Ok(f)) if f.is_empty() => break,
+            Ok(Ok(f)) => f,
             Ok(Err(e)) => {
                 tracing::debug!(%peer, "call pipe broken: {e}");
                 break;
@@ -645,13 +723,22 @@ async fn serve_pipe(
                 break;
             }
         };
-        let busy = activity.begin(peer, true);
-        let (inbound, frames) = (inbound.clone(), frames.clone());
-        tokio::spawn(async move {
-            let response = inbound.handle(peer, request).await;
-            let _ = frames.send(frame(tag, &response)).await;
-            drop((busy, slot));
-        });
+        let requests: Vec<&[u8]> = frames.iter().map(|(_, r)| r.as_slice()).collect();
+        let calls = inbound.open(peer, &requests);
+        let mut slots = std::iter::once(Some(first)).chain(std::iter::repeat_with(|| {
+            room.clone().try_acquire_owned().ok()
+        }));
+        for ((tag, request), call) in frames.into_iter().zip(calls) {
+            // Only this loop takes permits, and `limit` counted them: there is one.
+            let slot = slots.next().flatten();
+            let busy = activity.begin(peer, true);
+            let (inbound, frames) = (inbound.clone(), frames_tx.clone());
+            tokio::spawn(async move {
+                let response = inbound.handle_opened(peer, &request, call).await;
+                let _ = frames.send(frame(tag, &response)).await;
+                drop((busy, slot));
+            });
+        }
     }
 }
 
@@ -683,6 +770,30 @@ mod tests {
             None
         );
         assert!(read_frame(&mut Cursor::new(&f[..6]), 10).await.is_err());
+    }
+
+    #[tokio::test]
+    async fn frames_that_arrived_together_are_read_together() {
+        let mut bytes = Vec::new();
+        for i in 0..5u64 {
+            bytes.extend(frame(i, &[i as u8; 3]));
+        }
+        // Half of a sixth frame: it waits for the next read.
+        bytes.extend(&frame(5, &[5; 3])[..9]);
+        let mut r = BufReader::with_capacity(1024, Cursor::new(bytes));
+        let got = read_frames(&mut r, 10, 3).await.expect("read");
+        assert_eq!(got.iter().map(|f| f.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        let got = read_frames(&mut r, 10, 64).await.expect("read");
+        assert_eq!(got, vec![(3, vec![3; 3]), (4, vec![4; 3])]);
+        assert!(
+            read_frames(&mut r, 10, 64).await.is_err(),
+            "cut inside a frame"
+        );
+        // A buffered frame over the limit is refused as a read one is.
+        let mut big = frame(0, &[0; 3]);
+        big.extend(frame(1, &[0; 30]));
+        let mut r = BufReader::with_capacity(1024, Cursor::new(big));
+        assert!(read_frames(&mut r, 10, 64).await.is_err());
     }
 
     #[tokio::test]

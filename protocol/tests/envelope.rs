@@ -408,3 +408,68 @@ fn unknown_error_codes_survive_a_round_trip() {
     assert_eq!(ErrorCode::Replayed.code(), 7);
     assert_eq!(ErrorCode::InvalidArgs.name(), "invalid_args");
 }
+
+#[test]
+fn batch_verdicts_match_one_by_one() {
+    let keys: Vec<SigningKey> = (0..3).map(|_| key()).collect();
+    // More than one batch's worth, so the split is covered too.
+    let mut envelopes: Vec<Vec<u8>> = (0..envelope::MAX_BATCH + 6)
+        .map(|i| {
+            let k = &keys[i % keys.len()];
+            envelope::seal(k, &call(k, to_cbor(&i))).expect("seal")
+        })
+        .collect();
+    // A flipped payload byte, a signature from another key, a truncated header, an invalid key.
+    envelopes[3][ENVELOPE_HEADER_BYTES + 2] ^= 1;
+    let other = envelopes[1][36..100].to_vec();
+    envelopes[7][36..100].copy_from_slice(&other);
+    envelopes[9].truncate(50);
+    envelopes[envelope::MAX_BATCH + 2][4] = 2;
+    envelopes[envelope::MAX_BATCH + 2][5..36].fill(0);
+    let refs: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+    let batch = envelope::verify_batch(&refs);
+    assert_eq!(batch.len(), refs.len());
+    for (i, (got, bytes)) in batch.iter().zip(&refs).enumerate() {
+        let alone = envelope::verify(bytes);
+        match (got, &alone) {
+            (Ok(a), Ok(b)) => {
+                assert_eq!(a.signer(), b.signer(), "envelope {i}");
+                assert_eq!(a.payload(), b.payload(), "envelope {i}");
+            }
+            (Err(a), Err(b)) => assert_eq!(a.to_string(), b.to_string(), "envelope {i}"),
+            _ => panic!("envelope {i}: batch {got:?}, alone {alone:?}"),
+        }
+    }
+    let refused: Vec<usize> = (0..batch.len()).filter(|&i| batch[i].is_err()).collect();
+    assert_eq!(refused, vec![3, 7, 9, envelope::MAX_BATCH + 2]);
+    // All good: one multiplication, every envelope accepted.
+    let good: Vec<&[u8]> = refs
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| !refused.contains(i))
+        .map(|(_, b)| *b)
+        .collect();
+    assert!(envelope::verify_batch(&good).iter().all(Result::is_ok));
+    assert!(envelope::verify_batch(&[]).is_empty());
+}
+
+#[test]
+fn small_order_signer_cannot_pass_a_batch() {
+    // The identity point as the key, the identity as R and s = 0: under a cofactored equation
+    // this "signs" anything. Such keys are refused before any signature is checked.
+    let k = key();
+    let good = envelope::seal(&k, &call(&k, vec![])).expect("seal");
+    let mut forged = good.clone();
+    let mut identity = [0u8; 32];
+    identity[0] = 1;
+    forged[4..36].copy_from_slice(&identity);
+    forged[36..68].copy_from_slice(&identity);
+    forged[68..100].fill(0);
+    let batch = envelope::verify_batch(&[&good, &forged, &good]);
+    assert!(batch[0].is_ok() && batch[2].is_ok());
+    assert!(matches!(batch[1], Err(EnvelopeError::InvalidSignerKey)));
+    assert!(matches!(
+        envelope::verify(&forged),
+        Err(EnvelopeError::InvalidSignerKey)
+    ));
+}
