@@ -399,9 +399,9 @@ pub const MAX_BATCH: usize = 64;
 
 /// [`verify`] for many envelopes at once: each gets the same size and header checks, and the
 /// signatures of those that pass are checked together, as one multiscalar multiplication, at
-/// a fraction of the cost per signature (see the crate's `envelopes` benchmark). If a batch
-/// fails, its envelopes are checked one by one, so every envelope gets its own verdict, the
-/// same as [`verify`] would give it. Results are in input order.
+/// a fraction of the cost per signature (the `verify` rows of `cargo bench --bench calls`).
+/// If a batch fails, its envelopes are checked one by one, so every envelope gets its own
+/// verdict, the same as [`verify`] would give it. Results are in input order.
 ///
 /// The batch equation is ed25519-dalek's (cofactored, with weights derived from every input,
 /// and canonical `s` required). It can differ from one-by-one `verify_strict` only on a
