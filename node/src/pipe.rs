@@ -173,17 +173,22 @@ async fn read_frame<R: AsyncRead + Unpin>(
     let Some(mut bytes) = crate::wire::next_frame(io, max + 8).await? else {
         return Ok(None);
     };
-    let tag: [u8; 8] = bytes
-        .get(..8)
-        .and_then(|t| t.try_into().ok())
+    let tag = tag_of(&bytes)?;
+    bytes.drain(..8);
+    Ok(Some((tag, bytes)))
+}
+
+/// The tag a frame's bytes start with.
+fn tag_of(frame: &[u8]) -> io::Result<u64> {
+    frame
+        .first_chunk::<8>()
+        .map(|t| u64::from_be_bytes(*t))
         .ok_or_else(|| {
             io::Error::new(
                 io::ErrorKind::InvalidData,
-                format!("frame of {} bytes has no room for its tag", bytes.len()),
+                format!("frame of {} bytes has no room for its tag", frame.len()),
             )
-        })?;
-    bytes.drain(..8);
-    Ok(Some((u64::from_be_bytes(tag), bytes)))
+        })
 }
 
 /// Reads one frame, waiting for it, then those already buffered behind it, `limit` in all at
@@ -227,13 +232,7 @@ fn buffered_frame<R: AsyncRead + Unpin>(
     let Some(frame) = buf.get(4..4 + len) else {
         return Ok(None);
     };
-    let Some((tag, body)) = frame.split_first_chunk::<8>() else {
-        return Err(io::Error::new(
-            io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes has no room for its tag"),
-        ));
-    };
-    let f = (u64::from_be_bytes(*tag), body.to_vec());
+    let f = (tag_of(frame)?, frame[8..].to_vec());
     io.consume_unpin(4 + len);
     Ok(Some(f))
 }
@@ -732,10 +731,10 @@ async fn serve_pipe(
             // Only this loop takes permits, and `limit` counted them: there is one.
             let slot = slots.next().flatten();
             let busy = activity.begin(peer, true);
-            let (inbound, frames) = (inbound.clone(), frames_tx.clone());
+            let (inbound, tx) = (inbound.clone(), frames_tx.clone());
             tokio::spawn(async move {
                 let response = inbound.handle_opened(peer, &request, call).await;
-                let _ = frames.send(frame(tag, &response)).await;
+                let _ = tx.send(frame(tag, &response)).await;
                 drop((busy, slot));
             });
         }
