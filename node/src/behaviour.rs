@@ -97,6 +97,10 @@ fn behaviour(
     let mut kcfg = kad::Config::new(StreamProtocol::new(KAD_PROTOCOL));
     kcfg.set_query_timeout(dht.query_timeout)
         .set_periodic_bootstrap_interval(Some(dht.refresh_interval))
+        // The event loop walks once when it joins. Kademlia's own automatic walk re-arms on
+        // every peer a walk adds while the table is small, so it walked every join a second
+        // time (vendor/libp2p-kad/VENDORED.md).
+        .set_automatic_bootstrap_throttle(None)
         .set_record_ttl(Some(dht.record_ttl))
         // Cards are re-signed with a new expiry and republished by the node itself; kad would
         // republish the old signed bytes.

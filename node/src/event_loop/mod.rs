@@ -329,7 +329,10 @@ impl EventLoop {
         {
             tracing::warn!("cannot subscribe to presence: {e}");
         }
-        let mut republish = tokio::time::interval(self.config.dht.republish_interval);
+        // `Node::build` publishes first, once it has met its bootstrap peers; a tick now
+        // would publish into a routing table that holds only their addresses.
+        let every = self.config.dht.republish_interval;
+        let mut republish = tokio::time::interval_at(tokio::time::Instant::now() + every, every);
         let mut presence = tokio::time::interval(self.config.gossip.presence_interval);
         let mut housekeeping = tokio::time::interval(Duration::from_millis(250));
         let shutdown_reply = loop {
@@ -1219,6 +1222,12 @@ impl EventLoop {
                         .lookup_failures
                         .inc_by(u64::from(stats.num_failures()));
                 }
+            }
+            // A node without bootstrap peers joins through whoever it meets first: someone
+            // dialed it, or it dialed someone (`Node::dial`, mDNS).
+            kad::Event::RoutingUpdated { .. } if !self.joined && self.bootstrap.is_empty() => {
+                self.last_bootstrap = Some(Instant::now());
+                self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
             }
             _ => {}
         }
