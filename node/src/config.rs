@@ -416,7 +416,8 @@ pub struct MailConfig {
     /// Mailbox relays that hold this node's mail (with `/p2p/<peer id>`); empty: found in the
     /// DHT.
     pub mailboxes: Vec<Multiaddr>,
-    /// Mailboxes to advertise and fetch from at once (at most 4).
+    /// Mailboxes to advertise and fetch from at once (at most 4). 0: none; mail reaches this
+    /// node only while it is online, and it never searches the DHT for mailboxes.
     pub max_mailboxes: u32,
     /// How long mail this node sends is kept for an offline recipient.
     #[serde(with = "humantime_serde")]
@@ -765,7 +766,13 @@ impl Config {
             }
         }
         let m = &self.mail;
-        at_least("mail.max_mailboxes", m.max_mailboxes, 1)?;
+        if m.max_mailboxes == 0 && !m.mailboxes.is_empty() {
+            return Err(invalid(
+                "mail.max_mailboxes",
+                m.max_mailboxes,
+                "must be at least 1 when mail.mailboxes lists any",
+            ));
+        }
         if m.max_mailboxes as usize > skillmesh_protocol::MAX_CARD_MAILBOXES {
             return Err(invalid(
                 "mail.max_mailboxes",
@@ -999,7 +1006,22 @@ mod tests {
                 "[network]\nbootstrap = [\"/ip4/1.2.3.4/tcp/1\"]",
                 "invalid network.bootstrap[0] = /ip4/1.2.3.4/tcp/1: must end with /p2p/<peer id>",
             ),
+            (
+                "[mail]\nmax_mailboxes = 5",
+                "invalid mail.max_mailboxes = 5: must be at most 4",
+            ),
         ];
+        // No mailboxes at all is a choice (mail only while online), unless some are listed.
+        assert!(Config::from_toml("[mail]\nmax_mailboxes = 0").is_ok());
+        let peer = libp2p::identity::Keypair::generate_ed25519()
+            .public()
+            .to_peer_id();
+        let listed =
+            format!("[mail]\nmax_mailboxes = 0\nmailboxes = [\"/ip4/1.2.3.4/tcp/1/p2p/{peer}\"]");
+        assert_eq!(
+            Config::from_toml(&listed).expect_err("listed").to_string(),
+            "invalid mail.max_mailboxes = 0: must be at least 1 when mail.mailboxes lists any"
+        );
         for (text, want) in cases {
             let e = Config::from_toml(text).expect_err(text).to_string();
             assert!(e.starts_with(want), "{text}: got {e:?}, want {want:?}");

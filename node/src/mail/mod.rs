@@ -488,6 +488,9 @@ impl Messenger {
             })
             .collect();
         let max = self.config.mail.max_mailboxes as usize;
+        if max == 0 {
+            return Vec::new();
+        }
         if !configured.is_empty() {
             return configured.into_iter().take(max).collect();
         }
