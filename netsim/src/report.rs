@@ -64,6 +64,10 @@ pub struct PartitionOutcome {
     pub cross_deliveries: u64,
     /// Delivery inside the publisher's group during the partition.
     pub inside_delivery: f64,
+    /// Calls made to a server in another group while the partition lasted.
+    pub cross_calls: u64,
+    /// Of those, answered: must be 0.
+    pub cross_calls_answered: u64,
     /// Delivery to every node after the heal.
     pub after_heal_delivery: f64,
     /// Seconds from the heal to the end of that measurement.
@@ -237,9 +241,11 @@ impl Report {
             rows.push((
                 "partition",
                 format!(
-                    "{} groups: {} cross-partition deliveries, {} inside, {} after heal",
+                    "{} groups: {} cross-partition deliveries, {} of {} calls across answered, {} inside, {} after heal",
                     p.groups,
                     p.cross_deliveries,
+                    p.cross_calls_answered,
+                    p.cross_calls,
                     pct(p.inside_delivery),
                     pct(p.after_heal_delivery)
                 ),

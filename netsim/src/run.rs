@@ -769,6 +769,39 @@ async fn partition(
         })
         .collect();
     sim.await_deliveries(&inside).await;
+    // Calls across the cut must not be answered: each goes from a random node to a server in
+    // another group, and gives up before the heal (an answer after it would be legitimate).
+    let mut cross_calls = 0;
+    let mut cross_calls_answered = 0;
+    let left = p
+        .duration
+        .saturating_sub(started.elapsed())
+        .saturating_sub(Duration::from_secs(1));
+    if !left.is_zero() {
+        let wait = left.min(Duration::from_secs(5));
+        let pairs: Vec<(Node, PeerId, usize)> = (0..p.events)
+            .filter_map(|_| {
+                let i = up[rng.random_range(0..up.len())];
+                let far: Vec<usize> = up
+                    .iter()
+                    .copied()
+                    .filter(|&j| groups[j] != groups[i] && !sim.serves[j].is_empty())
+                    .collect();
+                let j = *far.choose(rng)?;
+                Some((sim.nodes[i].clone()?, sim.peers[j], sim.serves[j][0]))
+            })
+            .collect();
+        cross_calls = pairs.len() as u64;
+        let answered =
+            futures::future::join_all(pairs.into_iter().map(|(node, to, k)| async move {
+                matches!(
+                    tokio::time::timeout(wait, node.call(to, &skill_name(k), json!({}))).await,
+                    Ok(Ok(_))
+                )
+            }))
+            .await;
+        cross_calls_answered = answered.into_iter().filter(|a| *a).count() as u64;
+    }
     if let Some(rest) = p.duration.checked_sub(started.elapsed()) {
         tokio::time::sleep(rest).await;
     }
@@ -800,6 +833,8 @@ async fn partition(
         groups: p.groups,
         cross_deliveries: crossed,
         inside_delivery,
+        cross_calls,
+        cross_calls_answered,
         after_heal_delivery: after_delivery,
         heal_to_measure_secs: healed.elapsed().as_secs_f64(),
     })

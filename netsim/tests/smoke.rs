@@ -58,6 +58,8 @@ async fn partition_heal_200_finds_calls_and_keeps_the_cut() {
     assert!(report.gossip_delivery >= 0.99, "{report:?}");
     let p = report.partition.as_ref().expect("partition phase");
     assert_eq!(p.cross_deliveries, 0, "{report:?}");
+    assert!(p.cross_calls > 0, "{report:?}");
+    assert_eq!(p.cross_calls_answered, 0, "{report:?}");
     assert!(p.inside_delivery >= 0.99, "{report:?}");
     assert!(report.dials.partitioned > 0, "{report:?}");
 }
