@@ -66,6 +66,10 @@ const BOOTSTRAP_SPACING: Duration = Duration::from_secs(60);
 const RECONNECT_SPACING: Duration = Duration::from_secs(5);
 /// Presence entries kept; the oldest go first.
 const MAX_PRESENCE: usize = 10_000;
+/// How long a node without bootstrap peers waits after meeting its first peer before it walks
+/// the DHT: the call or request it connected for goes first, and more peers may arrive
+/// (libp2p-kad's own automatic walk waits 500 ms for the same reasons).
+const JOIN_DELAY: Duration = Duration::from_millis(500);
 
 /// A request to the event loop.
 pub(crate) enum Command {
@@ -213,6 +217,8 @@ pub(crate) struct EventLoop {
     last_bootstrap: Option<Instant>,
     /// Whether a bootstrap walk has started (a node with an empty routing table cannot).
     joined: bool,
+    /// When a node without bootstrap peers walks to join, once it has met someone.
+    join_due: Option<Instant>,
     inflight: JoinSet<()>,
     metrics: NodeMetrics,
     p2p_metrics: libp2p::metrics::Metrics,
@@ -293,6 +299,7 @@ impl EventLoop {
             last_active: HashMap::new(),
             last_bootstrap: None,
             joined: false,
+            join_due: None,
             signing,
             registry,
             config,
@@ -810,6 +817,13 @@ impl EventLoop {
     }
 
     fn housekeeping(&mut self) {
+        if self.join_due.is_some_and(|t| t <= Instant::now()) {
+            self.join_due = None;
+            if !self.joined {
+                self.last_bootstrap = Some(Instant::now());
+                self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+            }
+        }
         self.keep_connected();
         if self.republish_due.is_some_and(|t| t <= Instant::now()) {
             self.republish_due = None;
@@ -1226,8 +1240,8 @@ impl EventLoop {
             // A node without bootstrap peers joins through whoever it meets first: someone
             // dialed it, or it dialed someone (`Node::dial`, mDNS).
             kad::Event::RoutingUpdated { .. } if !self.joined && self.bootstrap.is_empty() => {
-                self.last_bootstrap = Some(Instant::now());
-                self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                self.join_due
+                    .get_or_insert_with(|| Instant::now() + JOIN_DELAY);
             }
             _ => {}
         }
