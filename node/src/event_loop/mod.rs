@@ -564,7 +564,6 @@ impl EventLoop {
         if self.last_bootstrap.is_some_and(|t| t.elapsed() < spacing) {
             return;
         }
-        self.last_bootstrap = Some(Instant::now());
         tracing::debug!(have, want, "few connections; bootstrapping again");
         for addr in &self.config.network.bootstrap {
             let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
@@ -574,6 +573,13 @@ impl EventLoop {
                 let _ = self.swarm.dial(addr.clone());
             }
         }
+        self.walk();
+    }
+
+    /// Walks the DHT around this node (a Kademlia bootstrap). It counts as the join once it
+    /// starts: a node with an empty routing table cannot.
+    fn walk(&mut self) {
+        self.last_bootstrap = Some(Instant::now());
         self.joined |= self.swarm.behaviour_mut().kad.bootstrap().is_ok();
     }
 
@@ -820,8 +826,7 @@ impl EventLoop {
         if self.join_due.is_some_and(|t| t <= Instant::now()) {
             self.join_due = None;
             if !self.joined {
-                self.last_bootstrap = Some(Instant::now());
-                self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                self.walk();
             }
         }
         self.keep_connected();
@@ -994,8 +999,7 @@ impl EventLoop {
                 // is refreshed every `dht.refresh_interval`, and `keep_connected` walks again
                 // when a node is left with too few peers.
                 if self.bootstrap.contains(&peer_id) && !self.joined {
-                    self.last_bootstrap = Some(Instant::now());
-                    self.joined = self.swarm.behaviour_mut().kad.bootstrap().is_ok();
+                    self.walk();
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Identify(identify::Event::Received {
