@@ -158,6 +158,15 @@ impl PublishReport {
     }
 }
 
+/// Whether two cards say the same, apart from their sequence number and lifetime.
+fn same_content(a: &AgentCard, b: &AgentCard) -> bool {
+    a.name == b.name
+        && a.skills == b.skills
+        && a.addrs == b.addrs
+        && a.mailboxes == b.mailboxes
+        && a.prekeys == b.prekeys
+}
+
 /// Where a card lookup's answer goes: the verified card and its signed bytes.
 type CardReply = oneshot::Sender<Option<(AgentCard, Vec<u8>)>>;
 
@@ -236,6 +245,8 @@ pub(crate) struct EventLoop {
 
     card_seq: u64,
     own_card: Option<Vec<u8>>,
+    /// The card last signed, to tell a changed card from a re-signed one.
+    card: Option<AgentCard>,
     provided: HashSet<RecordKey>,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
@@ -313,6 +324,7 @@ impl EventLoop {
             bootstrap,
             card_seq: 0,
             own_card: None,
+            card: None,
             provided: HashSet::new(),
             listen_addrs: Vec::new(),
             listen_waiters: Vec::new(),
@@ -766,6 +778,8 @@ impl EventLoop {
 
     /// Re-signs this node's card and announces it and every provider key.
     fn republish(&mut self, reply: Option<oneshot::Sender<PublishReport>>) {
+        // Whatever was due (a retry, a changed card) goes out with this one.
+        self.republish_due = None;
         let specs = skills::specs(&self.registry);
         self.card_seq = (self.card_seq + 1).max(Timestamp::now().as_millis());
         let mut addrs: Vec<Multiaddr> = self.swarm.external_addresses().cloned().collect();
@@ -783,7 +797,17 @@ impl EventLoop {
             self.card_seq,
             ttl,
         ) {
-            Ok((_, bytes)) => bytes,
+            Ok((card, bytes)) => {
+                // Presence tells the whole mesh at once; a card that only got a new sequence
+                // number (a retry, the periodic refresh) waits for the presence timer. In a
+                // thousand nodes, every retry's broadcast cost a thousand receivers two
+                // signature checks each.
+                if self.card.as_ref().is_none_or(|c| !same_content(c, &card)) {
+                    self.presence_due = Some(Instant::now());
+                }
+                self.card = Some(card);
+                bytes
+            }
             Err(e) => {
                 tracing::error!("cannot sign this node's card: {e}");
                 if let Some(r) = reply {
@@ -838,13 +862,16 @@ impl EventLoop {
         } else {
             self.groups.insert(group, pending);
         }
-        self.presence_due = Some(Instant::now());
     }
 
     /// A key whose publication walk timed out was stored nowhere (libp2p sends provider
     /// records only after the walk), and lookups miss it until the next republish, 30 min
     /// away by default: go again soon instead, backing off while it keeps failing.
-    fn after_publish(&mut self, report: &PublishReport) {
+    fn after_publish(&mut self, group: u64, report: &PublishReport) {
+        // A later publication went out since: it carries everything this one did.
+        if group + 1 != self.next_group {
+            return;
+        }
         if report.complete() {
             self.publish_retry = PUBLISH_RETRY;
             return;
@@ -1430,7 +1457,7 @@ impl EventLoop {
                     if g.remaining == 0
                         && let Some(g) = self.groups.remove(&group)
                     {
-                        self.after_publish(&g.report);
+                        self.after_publish(group, &g.report);
                         if let Some(reply) = g.reply {
                             let _ = reply.send(g.report);
                         }
