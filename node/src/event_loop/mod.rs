@@ -64,9 +64,8 @@ const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 const PUBLISH_RETRY: Duration = Duration::from_secs(30);
 /// How often the connection count is checked against the watermarks.
 const TRIM_INTERVAL: Duration = Duration::from_secs(2);
-/// At most one DHT bootstrap this often while a node has too few connections (libp2p's
-/// Kademlia also refreshes the table on its own every `dht.refresh_interval`).
-const BOOTSTRAP_SPACING: Duration = Duration::from_secs(60);
+/// How often a node with some connections, but fewer than a gossip mesh's worth, dials more.
+const TOP_UP_SPACING: Duration = Duration::from_secs(60);
 /// How soon a node with no connection at all tries again.
 const RECONNECT_SPACING: Duration = Duration::from_secs(5);
 /// Presence entries kept; the oldest go first.
@@ -228,9 +227,9 @@ pub(crate) struct EventLoop {
     /// When each connected peer last connected, called, answered or sent gossip: trimming
     /// closes the longest idle first and spares those active within `trim_grace`.
     last_active: HashMap<PeerId, Instant>,
-    /// Last DHT bootstrap this loop started (on joining, or with too few connections).
-    last_bootstrap: Option<Instant>,
-    /// Whether a bootstrap walk has started (a node with an empty routing table cannot).
+    /// When this loop last walked to join or dialed for want of connections.
+    last_reconnect: Option<Instant>,
+    /// Whether a join walk has started (a node with an empty routing table cannot).
     joined: bool,
     /// When a node without bootstrap peers walks to join, once it has met someone.
     join_due: Option<Instant>,
@@ -244,9 +243,8 @@ pub(crate) struct EventLoop {
     bootstrap: HashSet<PeerId>,
 
     card_seq: u64,
-    own_card: Option<Vec<u8>>,
-    /// The card last signed, to tell a changed card from a re-signed one.
-    card: Option<AgentCard>,
+    /// The card last signed, and its signed bytes.
+    own_card: Option<(AgentCard, Vec<u8>)>,
     provided: HashSet<RecordKey>,
     listen_addrs: Vec<Multiaddr>,
     listen_waiters: Vec<oneshot::Sender<Vec<Multiaddr>>>,
@@ -314,7 +312,7 @@ impl EventLoop {
             serving: HashMap::new(),
             last_trim: Instant::now(),
             last_active: HashMap::new(),
-            last_bootstrap: None,
+            last_reconnect: None,
             joined: false,
             join_due: None,
             signing,
@@ -324,7 +322,6 @@ impl EventLoop {
             bootstrap,
             card_seq: 0,
             own_card: None,
-            card: None,
             provided: HashSet::new(),
             listen_addrs: Vec::new(),
             listen_waiters: Vec::new(),
@@ -450,7 +447,7 @@ impl EventLoop {
             }
             Command::GetCard { peer, reply } => {
                 if peer == self.signing.peer_id() {
-                    let _ = reply.send(self.own_card.clone().and_then(|b| card_of(peer, b)));
+                    let _ = reply.send(self.own_card.clone());
                     return;
                 }
                 // The agent itself has its newest card, and a lookup found it through a
@@ -581,12 +578,12 @@ impl EventLoop {
         let spacing = if have == 0 {
             RECONNECT_SPACING
         } else {
-            BOOTSTRAP_SPACING
+            TOP_UP_SPACING
         };
-        if self.last_bootstrap.is_some_and(|t| t.elapsed() < spacing) {
+        if self.last_reconnect.is_some_and(|t| t.elapsed() < spacing) {
             return;
         }
-        self.last_bootstrap = Some(Instant::now());
+        self.last_reconnect = Some(Instant::now());
         for addr in &self.config.network.bootstrap {
             let Some(libp2p::multiaddr::Protocol::P2p(peer)) = addr.iter().last() else {
                 continue;
@@ -623,7 +620,7 @@ impl EventLoop {
     /// (`dht.refresh_interval`) instead. It counts as the join once it starts: a node with an
     /// empty routing table cannot.
     fn walk(&mut self) {
-        self.last_bootstrap = Some(Instant::now());
+        self.last_reconnect = Some(Instant::now());
         let me = self.signing.peer_id();
         let kad = &mut self.swarm.behaviour_mut().kad;
         if kad.kbuckets().any(|b| b.num_entries() > 0) {
@@ -802,10 +799,14 @@ impl EventLoop {
                 // number (a retry, the periodic refresh) waits for the presence timer. In a
                 // thousand nodes, every retry's broadcast cost a thousand receivers two
                 // signature checks each.
-                if self.card.as_ref().is_none_or(|c| !same_content(c, &card)) {
+                if self
+                    .own_card
+                    .as_ref()
+                    .is_none_or(|(c, _)| !same_content(c, &card))
+                {
                     self.presence_due = Some(Instant::now());
                 }
-                self.card = Some(card);
+                self.own_card = Some((card, bytes.clone()));
                 bytes
             }
             Err(e) => {
@@ -816,7 +817,6 @@ impl EventLoop {
                 return;
             }
         };
-        self.own_card = Some(bytes.clone());
         let group = self.next_group;
         self.next_group += 1;
         let mut pending = PublishGroup {
@@ -944,7 +944,7 @@ impl EventLoop {
     }
 
     fn announce_presence(&mut self) {
-        let Some(card) = self.own_card.clone() else {
+        let Some((_, card)) = self.own_card.clone() else {
             return;
         };
         self.event_seq += 1;
@@ -1199,7 +1199,11 @@ impl EventLoop {
             request_response::Event::Message { peer, message, .. } => match message {
                 request_response::Message::Request { channel, .. } => {
                     // No card yet (just started): an empty answer sends the asker to the DHT.
-                    let card = self.own_card.clone().unwrap_or_default();
+                    let card = self
+                        .own_card
+                        .as_ref()
+                        .map(|(_, b)| b.clone())
+                        .unwrap_or_default();
                     if self
                         .swarm
                         .behaviour_mut()
