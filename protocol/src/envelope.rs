@@ -403,11 +403,12 @@ pub const MAX_BATCH: usize = 64;
 /// If a batch fails, its envelopes are checked one by one, so every envelope gets its own
 /// verdict, the same as [`verify`] would give it. Results are in input order.
 ///
-/// The batch equation is ed25519-dalek's (cofactored, with weights derived from every input,
-/// and canonical `s` required). It can differ from one-by-one `verify_strict` only on a
-/// signature its own signer built with a small-order component, which no one else can make:
-/// what a third party cannot forge stays unforgeable. Small-order signer keys, under which
-/// anything would pass a cofactored check, never get this far (see `signer_key`).
+/// The batch equation is ed25519-dalek's (with weights derived from every input, and
+/// canonical `s` required); when one key signed them all, as on a call pipe, that key's terms
+/// are summed first (see `verify_one_signer`). It can differ from one-by-one `verify_strict`
+/// only on a signature its own signer built with a small-order component, which no one else
+/// can make: what a third party cannot forge stays unforgeable. Small-order signer keys, under
+/// which forgeries can pass a batch equation, never get this far (see `signer_key`).
 pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, EnvelopeError>> {
     let mut out = Vec::with_capacity(envelopes.len());
     for chunk in envelopes.chunks(MAX_BATCH) {
@@ -422,8 +423,12 @@ pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, Enve
             let messages: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
             let signatures: Vec<ed25519_dalek::Signature> =
                 ok.iter().map(|h| h.signature).collect();
-            let keys: Vec<ed25519_dalek::VerifyingKey> = ok.iter().map(|h| h.key).collect();
-            ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+            if ok.iter().all(|h| h.key == ok[0].key) {
+                verify_one_signer(&ok[0].key, &messages, &signatures)
+            } else {
+                let keys: Vec<ed25519_dalek::VerifyingKey> = ok.iter().map(|h| h.key).collect();
+                ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
+            }
         };
         out.extend(headers.into_iter().map(|h| {
             let h = h?;
@@ -436,6 +441,73 @@ pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, Enve
         }));
     }
     out
+}
+
+/// ed25519-dalek's batch equation for signatures that one key made (a call pipe's are all its
+/// peer's), with that key's terms summed: `[-sum z_i s_i]B + sum [z_i]R_i + [sum z_i h_i]A`
+/// must be the identity. The group element is the very one ed25519-dalek computes, so the
+/// verdicts are the same, but the multiplication has n + 2 points instead of 2n + 1: each
+/// point costs a lookup table and its additions, so this is about 40 % cheaper per signature.
+/// The weights `z_i` are 128-bit, derived like ed25519-dalek's from every signature and
+/// message in the batch, so no signer can choose inputs that cancel out.
+#[allow(non_snake_case)] // the equation's names
+fn verify_one_signer(
+    key: &ed25519_dalek::VerifyingKey,
+    messages: &[&[u8]],
+    signatures: &[ed25519_dalek::Signature],
+) -> bool {
+    use curve25519_dalek::constants::ED25519_BASEPOINT_POINT;
+    use curve25519_dalek::edwards::{CompressedEdwardsY, EdwardsPoint};
+    use curve25519_dalek::scalar::Scalar;
+    use curve25519_dalek::traits::{IsIdentity, VartimeMultiscalarMul};
+    use sha2::Sha512;
+
+    let mut transcript = Sha512::new();
+    transcript.update(b"skillmesh one-signer batch v1");
+    transcript.update(key.as_bytes());
+    let mut terms = Vec::with_capacity(signatures.len());
+    for (message, signature) in messages.iter().zip(signatures) {
+        // A non-canonical s is refused, as verify_strict and ed25519-dalek's batch refuse it.
+        let Some(s) = Option::<Scalar>::from(Scalar::from_canonical_bytes(*signature.s_bytes()))
+        else {
+            return false;
+        };
+        let hram: [u8; 64] = Sha512::new()
+            .chain_update(signature.r_bytes())
+            .chain_update(key.as_bytes())
+            .chain_update(message)
+            .finalize()
+            .into();
+        transcript.update(hram);
+        transcript.update(signature.s_bytes());
+        terms.push((
+            CompressedEdwardsY(*signature.r_bytes()),
+            s,
+            Scalar::from_bytes_mod_order_wide(&hram),
+        ));
+    }
+    let seed = transcript.finalize();
+    let zs: Vec<Scalar> = (0..terms.len() as u64)
+        .map(|i| {
+            let d = Sha512::new()
+                .chain_update(seed)
+                .chain_update(i.to_le_bytes())
+                .finalize();
+            let mut z = [0u8; 16];
+            z.copy_from_slice(&d[..16]);
+            Scalar::from(u128::from_le_bytes(z))
+        })
+        .collect();
+    let B_coefficient: Scalar = terms.iter().zip(&zs).map(|((_, s, _), z)| z * s).sum();
+    let A_coefficient: Scalar = terms.iter().zip(&zs).map(|((_, _, h), z)| z * h).sum();
+    let Rs = terms.iter().map(|(r, _, _)| r.decompress());
+    EdwardsPoint::optional_multiscalar_mul(
+        [-B_coefficient, A_coefficient].into_iter().chain(zs),
+        [Some(ED25519_BASEPOINT_POINT), Some(key.to_edwards())]
+            .into_iter()
+            .chain(Rs),
+    )
+    .is_some_and(|p| p.is_identity())
 }
 
 /// An envelope's header, checked, and what its signature check needs.
@@ -573,6 +645,26 @@ mod tests {
                 kp.public().to_peer_id()
             );
         }
+    }
+
+    #[test]
+    fn one_signer_equation_accepts_good_batches_and_refuses_bad_ones() {
+        let key = SigningKey::from_keypair(&Keypair::generate_ed25519()).expect("ed25519");
+        let vk = ed25519_dalek::VerifyingKey::from_bytes(&key.public_key()).expect("key");
+        let messages: Vec<Vec<u8>> = (0..5u8).map(|i| vec![i; 40]).collect();
+        let refs: Vec<&[u8]> = messages.iter().map(Vec::as_slice).collect();
+        let signatures: Vec<ed25519_dalek::Signature> =
+            refs.iter().map(|m| key.key.sign(m)).collect();
+        assert!(verify_one_signer(&vk, &refs, &signatures));
+        assert!(verify_one_signer(&vk, &refs[..1], &signatures[..1]));
+        // Two signatures swapped: each is valid, for the other message.
+        let mut swapped = signatures.clone();
+        swapped.swap(1, 2);
+        assert!(!verify_one_signer(&vk, &refs, &swapped));
+        // Another key's view of the same batch.
+        let other = SigningKey::from_keypair(&Keypair::generate_ed25519()).expect("ed25519");
+        let other = ed25519_dalek::VerifyingKey::from_bytes(&other.public_key()).expect("key");
+        assert!(!verify_one_signer(&other, &refs, &signatures));
     }
 
     #[test]

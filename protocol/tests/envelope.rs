@@ -453,6 +453,51 @@ fn batch_verdicts_match_one_by_one() {
     assert!(envelope::verify_batch(&[]).is_empty());
 }
 
+/// Envelopes signed by one key, as a call pipe reads them: the batch sums that key's terms.
+#[test]
+fn one_signer_batch_verdicts_match_one_by_one() {
+    let k = key();
+    let mut envelopes: Vec<Vec<u8>> = (0..12)
+        .map(|i| envelope::seal(&k, &call(&k, to_cbor(&i))).expect("seal"))
+        .collect();
+    let good: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+    assert!(envelope::verify_batch(&good).iter().all(Result::is_ok));
+    // Each kind of damage alone, then all at once: a flipped payload byte, the same key's
+    // signature of another envelope, s made non-canonical, an R that is not on the curve.
+    let other = envelopes[1][36..100].to_vec();
+    let damage = |kind: usize, e: &mut Vec<u8>| match kind {
+        0 => e[ENVELOPE_HEADER_BYTES + 2] ^= 1,
+        1 => e[36..100].copy_from_slice(&other),
+        2 => e[99] |= 0xf0,
+        _ => {
+            e[36..68].fill(0xff);
+            e[67] = 0x7f;
+        }
+    };
+    let bad = [3, 7, 9, 11];
+    for (kind, &at) in bad.iter().enumerate() {
+        let mut one = envelopes.clone();
+        damage(kind, &mut one[at]);
+        let refs: Vec<&[u8]> = one.iter().map(Vec::as_slice).collect();
+        let batch = envelope::verify_batch(&refs);
+        for (i, got) in batch.iter().enumerate() {
+            assert_eq!(got.is_ok(), i != at, "envelope {i} with {at} damaged");
+        }
+        assert!(envelope::verify(refs[at]).is_err());
+    }
+    for (kind, &at) in bad.iter().enumerate() {
+        damage(kind, &mut envelopes[at]);
+    }
+    let refs: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
+    let refused: Vec<usize> = envelope::verify_batch(&refs)
+        .iter()
+        .enumerate()
+        .filter(|(_, r)| r.is_err())
+        .map(|(i, _)| i)
+        .collect();
+    assert_eq!(refused, vec![3, 7, 9, 11]);
+}
+
 #[test]
 fn small_order_signer_cannot_pass_a_batch() {
     // The identity point as the key, the identity as R and s = 0: under a cofactored equation
