@@ -463,7 +463,7 @@ fn one_signer_batch_verdicts_match_one_by_one() {
     let good: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
     assert!(envelope::verify_batch(&good).iter().all(Result::is_ok));
     // Each kind of damage alone, then all at once: a flipped payload byte, the same key's
-    // signature of another envelope, s made non-canonical, an R that is not on the curve.
+    // signature of another envelope, s made non-canonical, R replaced by other bytes.
     let other = envelopes[1][36..100].to_vec();
     let damage = |kind: usize, e: &mut Vec<u8>| match kind {
         0 => e[ENVELOPE_HEADER_BYTES + 2] ^= 1,

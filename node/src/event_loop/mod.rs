@@ -565,10 +565,10 @@ impl EventLoop {
     /// A node whose connections all closed (idle timeouts, peers trimming it, a partition)
     /// would stay alone: nothing else dials. Below a gossip mesh's worth of peers, it dials
     /// peers its routing table knows (quickly when it has nobody, else now and then), and its
-    /// bootstrap peers when it has nobody. Dialing known peers, not walking the DHT, makes
-    /// connections that last: every node is subscribed to presence, so a new peer is grafted
-    /// into that mesh and kept, whereas a walk dials dozens of peers that all go idle and
-    /// close. It walks only when the table has nobody left to dial.
+    /// bootstrap peers when it has nobody or no one to dial. Dialing known peers, not walking
+    /// the DHT, makes connections that last: every node is subscribed to presence, so a new
+    /// peer is grafted into that mesh and kept, whereas a walk dials dozens of peers that all
+    /// go idle and close. It walks only when the table has nobody left to dial.
     fn keep_connected(&mut self) {
         let have = self.swarm.connected_peers().count();
         let want = (self.config.gossip.mesh_n_low as usize).max(1);
