@@ -445,12 +445,12 @@ pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, Enve
 
 /// ed25519-dalek's batch equation for signatures that one key made (a call pipe's are all its
 /// peer's), with that key's terms summed: `[-sum z_i s_i]B + sum [z_i]R_i + [sum z_i h_i]A`
-/// must be the identity. The group element is the very one ed25519-dalek computes, so the
-/// verdicts are the same, but the multiplication has n + 2 points instead of 2n + 1: each
-/// point costs a lookup table and its additions, so a signature costs about a third less (the
-/// `verify` rows of `cargo bench --bench calls`).
-/// The weights `z_i` are 128-bit, derived like ed25519-dalek's from every signature and
-/// message in the batch, so no signer can choose inputs that cancel out.
+/// must be the identity. It is ed25519-dalek's equation with `A`'s n terms added up, so a
+/// batch passes or fails as it would there (weights aside), but the multiplication has n + 2
+/// points instead of 2n + 1: each point costs a lookup table and its additions, so a
+/// signature costs about a third less (the `verify` rows of `cargo bench --bench calls`).
+/// The weights `z_i` are 128-bit, derived like ed25519-dalek's (from its own transcript) from
+/// every signature and message in the batch, so no signer can choose inputs that cancel out.
 #[allow(non_snake_case)] // the equation's names
 fn verify_one_signer(
     key: &ed25519_dalek::VerifyingKey,
