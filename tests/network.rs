@@ -428,6 +428,37 @@ async fn connections_are_trimmed_back_to_the_watermarks() {
 }
 
 #[tokio::test]
+async fn a_node_at_its_connection_cap_makes_room_for_its_own_call() {
+    // The hub's hard cap is max(2 x 1, 1 + 8) = 9 established connections, and its spokes'
+    // connections are young, so trimming spares them.
+    let mut small = common::config(&[]);
+    small.network.min_connections = 1;
+    small.network.max_connections = 1;
+    small.gossip.mesh_n_low = 1;
+    small.gossip.mesh_n = 2;
+    small.gossip.mesh_n_high = 3;
+    let hub = common::start(small).await;
+    let boot = hub.listen_addrs().await.expect("addrs");
+    let mut spokes = Vec::new();
+    for _ in 0..9 {
+        spokes.push(common::start(common::config(&boot)).await);
+    }
+    let connected = || async {
+        let peers = hub.peers().await.expect("peers");
+        peers.iter().filter(|p| p.connected).count()
+    };
+    eventually(Duration::from_secs(10), || async {
+        let n = connected().await;
+        if n >= 9 { Ok(()) } else { Err(n) }
+    })
+    .await;
+    // A callee the hub has no connection to: it joins through a spoke.
+    let via = spokes[0].listen_addrs().await.expect("addrs");
+    let callee = common::start(common::config(&via)).await;
+    serving(&hub, &callee).await;
+}
+
+#[tokio::test]
 async fn event_floods_are_cut_at_the_topic_rate() {
     let nodes = mesh(1, |c| c.gossip.max_events_per_sec = 3).await;
     let mut sub = nodes[1].subscribe("flood").await.expect("subscribe");

@@ -29,7 +29,7 @@ use skillmesh_protocol::keys::{
 };
 use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
-use crate::config::{Config, KadMode, Reachability};
+use crate::config::{Config, KadMode, NetworkConfig, Reachability};
 use crate::error::Error;
 use crate::wire::FrameCodec;
 
@@ -63,6 +63,16 @@ pub(crate) struct Behaviour {
     pub(crate) autonat_server: autonat::v2::server::Behaviour,
 }
 
+/// Established connections at most. The hard cap sits well above the high watermark:
+/// connections opened by lookups are young and spared from trimming for a while, and a node at
+/// its cap turns away the lookups and calls of others (netsim at 100 nodes: a quarter above
+/// left callees refusing callers).
+pub(crate) fn hard_cap(net: &NetworkConfig) -> u32 {
+    net.max_connections
+        .saturating_mul(2)
+        .max(net.max_connections.saturating_add(8))
+}
+
 fn behaviour(
     key: &Keypair,
     config: &Config,
@@ -70,15 +80,8 @@ fn behaviour(
 ) -> Result<Behaviour, Error> {
     let peer_id = key.public().to_peer_id();
     let net = &config.network;
-    // The hard cap sits well above the high watermark: connections opened by lookups are young
-    // and spared from trimming for a while, and a node at its cap turns away the lookups and
-    // calls of others (netsim at 100 nodes: a quarter above left callees refusing callers).
-    let hard_cap = net
-        .max_connections
-        .saturating_mul(2)
-        .max(net.max_connections.saturating_add(8));
     let limits = connection_limits::ConnectionLimits::default()
-        .with_max_established(Some(hard_cap))
+        .with_max_established(Some(hard_cap(net)))
         .with_max_established_per_peer(Some(net.max_per_peer))
         .with_max_pending_incoming(Some(net.max_pending))
         .with_max_pending_outgoing(Some(net.max_pending));

@@ -157,6 +157,18 @@ impl PublishReport {
     }
 }
 
+/// Why a dial failed, in words. libp2p says only "Dial error" when one of our own behaviours
+/// refused it; the refusal itself (which limit) is in its source.
+fn dial_error(e: &DialError) -> String {
+    match e {
+        DialError::Denied { cause } => match std::error::Error::source(cause) {
+            Some(why) => format!("refused by this node: {why}"),
+            None => format!("refused by this node: {cause}"),
+        },
+        other => other.to_string(),
+    }
+}
+
 /// Whether two cards say the same, apart from their sequence number and lifetime.
 fn same_content(a: &AgentCard, b: &AgentCard) -> bool {
     a.name == b.name
@@ -188,6 +200,8 @@ struct Connecting {
     waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Whether the DHT was asked already: a second failure is final.
     looked_up: bool,
+    /// Whether a connection was closed to make room for this one already.
+    made_room: bool,
 }
 
 struct PublishGroup {
@@ -223,6 +237,8 @@ pub(crate) struct EventLoop {
     stop_serving: watch::Sender<bool>,
     /// Calls waiting to be connected to their callee.
     connecting: HashMap<PeerId, Connecting>,
+    /// Connections closing to make room, and whom for: dialed when the close is done.
+    room_for: HashMap<PeerId, PeerId>,
     last_trim: Instant,
     /// When each connected peer last connected, called, answered or sent gossip: trimming
     /// closes the longest idle first and spares those active within `trim_grace`.
@@ -306,6 +322,7 @@ impl EventLoop {
             activity,
             stop_serving,
             connecting: HashMap::new(),
+            room_for: HashMap::new(),
             inflight: JoinSet::new(),
             metrics,
             p2p_metrics,
@@ -641,11 +658,24 @@ impl EventLoop {
     /// dials nearly everyone (DESIGN §4).
     fn trim_connections(&mut self) {
         let net = &self.config.network;
-        let connected: Vec<PeerId> = self.swarm.connected_peers().copied().collect();
-        if connected.len() <= net.max_connections as usize {
+        let connected = self.swarm.connected_peers().count();
+        if connected <= net.max_connections as usize {
             return;
         }
-        let excess = connected.len() - net.min_connections as usize;
+        let excess = connected - net.min_connections as usize;
+        // New connections get a grace period: they were opened for a reason (a lookup, a call
+        // about to be made), and closing them only makes someone dial again.
+        let mut spare = self.spare_peers(net.trim_grace);
+        spare.truncate(excess);
+        tracing::debug!(closing = spare.len(), "above the connection high watermark");
+        for peer in spare {
+            let _ = self.swarm.disconnect_peer_id(peer);
+        }
+    }
+
+    /// Connected peers we could close on, the longest idle first: none in our gossip mesh,
+    /// with a call or request in flight, or active within `grace`.
+    fn spare_peers(&self, grace: Duration) -> Vec<PeerId> {
         let mesh: HashSet<PeerId> = self
             .swarm
             .behaviour()
@@ -655,27 +685,51 @@ impl EventLoop {
             .collect();
         let mut calling: HashSet<PeerId> = self.requests.values().map(|c| c.peer).collect();
         calling.extend(self.activity.busy());
-        // New connections get a grace period: they were opened for a reason (a lookup, a call
-        // about to be made), and closing them only makes someone dial again.
-        let grace = net.trim_grace;
         let active = |p: &PeerId| self.last_active.get(p).copied().max(self.activity.last(p));
-        let mut spare: Vec<PeerId> = connected
-            .into_iter()
+        let mut spare: Vec<PeerId> = self
+            .swarm
+            .connected_peers()
             .filter(|p| {
                 !mesh.contains(p)
                     && !calling.contains(p)
                     && !self.serving.contains_key(p)
                     && active(p).is_none_or(|t| t.elapsed() >= grace)
             })
+            .copied()
             .collect();
-        // The longest idle first: a peer that was just busy is likely to be busy again (a
-        // request of its may be on the way), and closing on it fails that request.
+        // A peer that was just busy is likely to be busy again (a request of its may be on
+        // the way), and closing on it fails that request.
         spare.sort_by_key(|p| active(p));
-        spare.truncate(excess);
-        tracing::debug!(closing = spare.len(), "above the connection high watermark");
-        for peer in spare {
-            let _ = self.swarm.disconnect_peer_id(peer);
+        spare
+    }
+
+    /// Our own cap on connections refused a dial that a call or request waits for: close the
+    /// longest idle spare connection, and dial again once it has closed. The cap is twice the
+    /// high watermark, and trimming spares young connections, so a node that answered many
+    /// lookups can sit at the cap for a while; its own calls should not fail for that.
+    /// Whether it made room.
+    fn make_room(&mut self, peer: PeerId) -> bool {
+        let established = self
+            .swarm
+            .network_info()
+            .connection_counters()
+            .num_established();
+        if established < crate::behaviour::hard_cap(&self.config.network) {
+            return false;
         }
+        let Some(victim) = self
+            .spare_peers(Duration::ZERO)
+            .into_iter()
+            .find(|v| !self.room_for.contains_key(v))
+        else {
+            return false;
+        };
+        tracing::debug!(%peer, %victim, "at the connection cap: closing an idle connection");
+        if self.swarm.disconnect_peer_id(victim).is_err() {
+            return false;
+        }
+        self.room_for.insert(victim, peer);
+        true
     }
 
     fn send_request(&mut self, r: PendingRequest) {
@@ -706,6 +760,7 @@ impl EventLoop {
             Connecting {
                 waiters: vec![reply],
                 looked_up: false,
+                made_room: false,
             },
         );
         self.dial_peer(peer);
@@ -718,11 +773,26 @@ impl EventLoop {
         match self.swarm.dial(opts) {
             // A dial of someone else's is under way: its outcome answers ours.
             Ok(()) | Err(DialError::DialPeerConditionFalse(_)) => {}
-            Err(e) => self.connect_failed(peer, e.to_string()),
+            Err(e) => self.dial_failed(peer, &e),
         }
     }
 
-    /// A dial to `peer` failed: look it up once, else give up on its waiters.
+    /// A dial to `peer` failed: make room once if our own cap refused it, else see
+    /// [`Self::connect_failed`].
+    fn dial_failed(&mut self, peer: PeerId, error: &DialError) {
+        if let DialError::Denied { .. } = error
+            && let Some(c) = self.connecting.get_mut(&peer)
+            && !c.made_room
+        {
+            c.made_room = true;
+            if self.make_room(peer) {
+                return;
+            }
+        }
+        self.connect_failed(peer, dial_error(error));
+    }
+
+    /// Connecting to `peer` failed: look it up once, else give up on its waiters.
     fn connect_failed(&mut self, peer: PeerId, reason: String) {
         let Some(c) = self.connecting.get_mut(&peer) else {
             return;
@@ -1054,6 +1124,11 @@ impl EventLoop {
                 self.nat_connection_closed(connection_id);
                 if num_established == 0 {
                     self.last_active.remove(&peer_id);
+                    if let Some(waiting) = self.room_for.remove(&peer_id)
+                        && self.connecting.contains_key(&waiting)
+                    {
+                        self.dial_peer(waiting);
+                    }
                 }
             }
             SwarmEvent::ConnectionEstablished {
@@ -1124,7 +1199,7 @@ impl EventLoop {
                 error,
                 ..
             } if self.connecting.contains_key(&peer) && !self.swarm.is_connected(&peer) => {
-                self.connect_failed(peer, error.to_string());
+                self.dial_failed(peer, &error);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_requests(e),
             SwarmEvent::Behaviour(BehaviourEvent::Cards(e)) => self.on_cards(e),
@@ -1601,6 +1676,30 @@ impl EventLoop {
                 card,
                 seen: Instant::now(),
             },
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use libp2p::swarm::ConnectionDenied;
+
+    use super::*;
+
+    #[test]
+    fn a_dial_we_refused_says_which_limit() {
+        let denied = DialError::Denied {
+            cause: ConnectionDenied::new(std::io::Error::other(
+                "connection limit exceeded: at most 128 established connections are allowed",
+            )),
+        };
+        assert_eq!(
+            dial_error(&denied),
+            "refused by this node: connection limit exceeded: at most 128 established connections are allowed"
+        );
+        assert_eq!(
+            dial_error(&DialError::NoAddresses),
+            DialError::NoAddresses.to_string()
         );
     }
 }
