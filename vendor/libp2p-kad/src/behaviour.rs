@@ -1693,6 +1693,89 @@ where
         let query_id = query.id();
         tracing::trace!(query=?query_id, "Query timed out");
         match query.info {
+            // skillmesh: a publication whose walk timed out still stores its record (or
+            // provider record) at the closest peers the walk reached, as go-libp2p-kad-dht's
+            // `Provide` does; upstream drops them, so under load a walk that ran out of time
+            // stored nothing anywhere and lookups missed the key until the next republish.
+            // The put phase has its own timeout and reports as it would after a full walk.
+            QueryInfo::AddProvider {
+                context,
+                key,
+                phase: AddProviderPhase::GetClosestPeers,
+            } => {
+                let peers: Vec<PeerId> = query.peers.into_peerids_iter().collect();
+                if peers.is_empty() {
+                    let result = Err(AddProviderError::Timeout { key });
+                    return Some(Event::OutboundQueryProgressed {
+                        id: query_id,
+                        stats: query.stats,
+                        result: match context {
+                            AddProviderContext::Publish => QueryResult::StartProviding(result),
+                            AddProviderContext::Republish => {
+                                QueryResult::RepublishProvider(result)
+                            }
+                        },
+                        step: ProgressStep::first_and_last(),
+                    });
+                }
+                tracing::debug!(
+                    query=?query_id,
+                    peers = peers.len(),
+                    "provider walk timed out; announcing to the closest peers it reached"
+                );
+                let info = QueryInfo::AddProvider {
+                    context,
+                    key,
+                    phase: AddProviderPhase::AddProvider {
+                        provider_id: self.local_peer_id,
+                        external_addresses: self.external_addresses.iter().cloned().collect(),
+                        get_closest_peers_stats: query.stats,
+                    },
+                };
+                self.queries.continue_fixed(query_id, peers, info);
+                None
+            }
+            // skillmesh: the same for records (see above).
+            QueryInfo::PutRecord {
+                context,
+                record,
+                quorum,
+                phase: PutRecordPhase::GetClosestPeers,
+            } if !matches!(context, PutRecordContext::Replicate) => {
+                let peers: Vec<PeerId> = query.peers.into_peerids_iter().collect();
+                if peers.is_empty() {
+                    let err = Err(PutRecordError::Timeout {
+                        key: record.key,
+                        quorum,
+                        success: vec![],
+                    });
+                    return Some(Event::OutboundQueryProgressed {
+                        id: query_id,
+                        stats: query.stats,
+                        result: match context {
+                            PutRecordContext::Republish => QueryResult::RepublishRecord(err),
+                            _ => QueryResult::PutRecord(err),
+                        },
+                        step: ProgressStep::first_and_last(),
+                    });
+                }
+                tracing::debug!(
+                    query=?query_id,
+                    peers = peers.len(),
+                    "record walk timed out; storing at the closest peers it reached"
+                );
+                let info = QueryInfo::PutRecord {
+                    context,
+                    record,
+                    quorum,
+                    phase: PutRecordPhase::PutRecord {
+                        success: vec![],
+                        get_closest_peers_stats: query.stats,
+                    },
+                };
+                self.queries.continue_fixed(query_id, peers, info);
+                None
+            }
             QueryInfo::Bootstrap {
                 peer,
                 mut remaining,
