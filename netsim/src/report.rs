@@ -136,6 +136,8 @@ pub struct Report {
     pub lookup_errors: Vec<(String, usize)>,
     /// Servers whose first announcements did not all reach another node (the node retries).
     pub publish_incomplete: usize,
+    /// Of those, servers whose announcements were still incomplete after every attempt.
+    pub publish_failed: usize,
     /// Direct and relayed connections after the calls.
     pub connections: Connections,
     /// Deliveries received / deliveries expected (every event at every other node).
@@ -200,8 +202,8 @@ impl Report {
             rows.push((
                 "  announcements",
                 format!(
-                    "{} servers' first announcements timed out somewhere (retried)",
-                    self.publish_incomplete
+                    "{} servers' first announcements timed out somewhere, {} still after retries",
+                    self.publish_incomplete, self.publish_failed
                 ),
             ));
         }

@@ -454,29 +454,39 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
     // like an agent that reads its publish report, announces again if they did not all land
     // (the node would on its own, but only 30 s later). Outcome: whether the first landed.
     let sim_ref = &sim;
-    let published: Vec<Result<bool, SimError>> = stream::iter(0..s.nodes)
+    let published: Vec<Result<(usize, bool, bool), SimError>> = stream::iter(0..s.nodes)
         .filter(|&i| std::future::ready(!sim_ref.serves[i].is_empty()))
         .map(|i| async move {
-            let mut first = None;
+            // (server, first attempt complete, last attempt complete)
+            let mut outcome: Option<(bool, bool)> = None;
             if let Some(node) = &sim_ref.nodes[i] {
                 for _ in 0..PUBLISH_ATTEMPTS {
                     let complete = sim_ref.register(i, node).await?;
-                    first.get_or_insert(complete);
+                    let first = outcome.map_or(complete, |(f, _)| f);
+                    outcome = Some((first, complete));
                     if complete {
                         break;
                     }
                 }
             }
             sim_ref.progress.tick();
-            Ok(first.unwrap_or(true))
+            let (first, last) = outcome.unwrap_or((true, true));
+            Ok((i, first, last))
         })
         .buffer_unordered(PARALLEL)
         .collect()
         .await;
     let published = published
         .into_iter()
-        .collect::<Result<Vec<bool>, SimError>>()?;
-    let publish_incomplete = published.iter().filter(|ok| !**ok).count();
+        .collect::<Result<Vec<(usize, bool, bool)>, SimError>>()?;
+    let publish_incomplete = published.iter().filter(|(_, first, _)| !first).count();
+    // A lookup that misses one of these says so: its failure is the announcement's.
+    let unannounced: HashSet<PeerId> = published
+        .iter()
+        .filter(|(_, _, last)| !last)
+        .map(|&(i, _, _)| sim.peers[i])
+        .collect();
+    let publish_failed = unannounced.len();
     sim.phase("settle", 0);
     tokio::time::sleep(s.settle).await;
 
@@ -487,6 +497,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         .map(|_| (rng.random_range(0..s.nodes), rng.random_range(0..s.skills)))
         .collect();
     let progress = &sim.progress;
+    let unannounced = &unannounced;
     let results: Vec<(Result<(), String>, Duration)> = stream::iter(lookups)
         .map(|(i, k)| {
             let node = sim.nodes[i].clone();
@@ -504,9 +515,13 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                                 if missing.is_empty() {
                                     Ok(())
                                 } else {
+                                    let unannounced = expected
+                                        .difference(&got)
+                                        .filter(|p| unannounced.contains(p))
+                                        .count();
                                     tracing::debug!(looker = %short_id(&node.peer_id()), skill = k, ?missing, "lookup missed servers");
                                     Err(format!(
-                                        "{} of {} servers not found",
+                                        "{} of {} servers not found ({unannounced} of them unannounced)",
                                         missing.len(),
                                         expected.len()
                                     ))
@@ -598,6 +613,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         call_errors,
         lookup_errors,
         publish_incomplete,
+        publish_failed,
         ..Report::default()
     };
 
