@@ -4,6 +4,7 @@
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
 //! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, verify, mail, startup, rss
+//! cargo bench --bench calls -- --only rss --daemon target/dist/skillmesh   # another build's RSS
 //! ```
 //!
 //! Both sides of each comparison run in this process, over the same transport, with the same
@@ -617,21 +618,23 @@ fn verify(n: usize, rows: &mut Vec<Row>) {
     }
 }
 
-/// Resident memory of an idle `skillmesh run` daemon.
-fn idle_rss(rows: &mut Vec<Row>) {
+/// The idle RSS of the `skillmesh` daemon this benchmark was built with, or of `daemon` (a
+/// binary built with another profile, e.g. `target/dist/skillmesh`).
+fn idle_rss(daemon: Option<&str>, rows: &mut Vec<Row>) {
     let dir = tempfile::tempdir().expect("tempdir");
     std::fs::write(
         dir.path().join("config.toml"),
         "[network]\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\nmdns = false\n",
     )
     .expect("config");
-    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_skillmesh"))
+    let binary = daemon.unwrap_or(env!("CARGO_BIN_EXE_skillmesh"));
+    let mut child = std::process::Command::new(binary)
         .arg("--data-dir")
         .arg(dir.path())
         .args(["-q", "run"])
         .stdout(std::process::Stdio::null())
         .spawn()
-        .expect("daemon");
+        .unwrap_or_else(|e| panic!("cannot start {binary}: {e}"));
     std::thread::sleep(Duration::from_secs(3));
     let status =
         std::fs::read_to_string(format!("/proc/{}/status", child.id())).unwrap_or_default();
@@ -647,7 +650,10 @@ fn idle_rss(rows: &mut Vec<Row>) {
     let _ = child.kill();
     let _ = child.wait();
     rows.push(Row {
-        what: "idle daemon RSS (skillmesh run, 3 s after start)".into(),
+        what: match daemon {
+            Some(_) => "idle daemon RSS (--daemon's binary, 3 s after start)".into(),
+            None => "idle daemon RSS (skillmesh run, 3 s after start)".into(),
+        },
         skillmesh: format!("{:.1} MB", rss_kb as f64 / 1024.0),
         plain: String::new(),
         ratio: String::new(),
@@ -674,6 +680,12 @@ async fn main() {
         .and_then(|i| args.get(i + 1))
         .cloned();
     let run = |name: &str| only.as_deref().is_none_or(|o| o == name);
+    // `--daemon PATH`: the daemon whose idle RSS to measure (default: this build's).
+    let daemon = args
+        .iter()
+        .position(|a| a == "--daemon")
+        .and_then(|i| args.get(i + 1))
+        .cloned();
     let (seq, total, cold_n) = if quick {
         (500, 4_000, 5)
     } else {
@@ -701,7 +713,7 @@ async fn main() {
         startup(cold_n, &mut rows).await;
     }
     if run("rss") {
-        idle_rss(&mut rows);
+        idle_rss(daemon.as_deref(), &mut rows);
     }
 
     println!();
