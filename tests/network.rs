@@ -427,13 +427,14 @@ async fn connections_are_trimmed_back_to_the_watermarks() {
     .await;
 }
 
-#[tokio::test]
-async fn a_node_at_its_connection_cap_makes_room_for_its_own_call() {
-    // The hub's hard cap is max(2 x 1, 1 + 8) = 9 established connections, and its spokes'
-    // connections are young, so trimming spares them.
+/// A node whose hard cap is max(2 x 1, 1 + 8) = 9 established connections, one per peer, and
+/// nine others connected to it: young connections, which trimming spares. Returns the hub and
+/// its spokes.
+async fn hub_at_its_cap() -> (common::TestNode, Vec<common::TestNode>) {
     let mut small = common::config(&[]);
     small.network.min_connections = 1;
     small.network.max_connections = 1;
+    small.network.max_per_peer = 1;
     small.gossip.mesh_n_low = 1;
     small.gossip.mesh_n = 2;
     small.gossip.mesh_n_high = 3;
@@ -443,19 +444,30 @@ async fn a_node_at_its_connection_cap_makes_room_for_its_own_call() {
     for _ in 0..9 {
         spokes.push(common::start(common::config(&boot)).await);
     }
-    let connected = || async {
-        let peers = hub.peers().await.expect("peers");
-        peers.iter().filter(|p| p.connected).count()
-    };
     eventually(Duration::from_secs(10), || async {
-        let n = connected().await;
+        let peers = hub.peers().await.expect("peers");
+        let n = peers.iter().filter(|p| p.connected).count();
         if n >= 9 { Ok(()) } else { Err(n) }
     })
     .await;
+    (hub, spokes)
+}
+
+#[tokio::test]
+async fn a_node_at_its_connection_cap_makes_room_for_its_own_call() {
+    let (hub, spokes) = hub_at_its_cap().await;
     // A callee the hub has no connection to: it joins through a spoke.
     let via = spokes[0].listen_addrs().await.expect("addrs");
     let callee = common::start(common::config(&via)).await;
     serving(&hub, &callee).await;
+}
+
+#[tokio::test]
+async fn a_node_at_its_connection_cap_makes_room_for_a_caller() {
+    let (hub, spokes) = hub_at_its_cap().await;
+    let via = spokes[0].listen_addrs().await.expect("addrs");
+    let caller = common::start(common::config(&via)).await;
+    serving(&caller, &hub).await;
 }
 
 #[tokio::test]

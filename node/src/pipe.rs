@@ -419,6 +419,15 @@ impl Pipes {
                         "it does not serve skill calls (no call pipe protocol)".to_owned(),
                     ));
                 }
+                // The connection closed under the stream being opened: libp2p says only
+                // "oneshot canceled".
+                Ok(Err(libp2p_stream::OpenStreamError::Io(e)))
+                    if e.kind() == std::io::ErrorKind::ConnectionReset =>
+                {
+                    last = "the connection closed before a call pipe opened on it (the callee \
+                            may have refused it at its connection limit)"
+                        .to_owned();
+                }
                 Ok(Err(e)) => last = e.to_string(),
                 Err(_) => last = format!("no call pipe opened within {OPEN_TIMEOUT:?}"),
             }

@@ -59,6 +59,9 @@ pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
 /// been stored. The walk's own end waits for all 20 nearest to answer, which took most of a
 /// lookup's second at 200 nodes and over 30 s on a loaded 1,000.
 const PROVIDER_ANSWERS: u8 = 4;
+/// Connections a dial refused by our own cap may close to make room: while it waits for a
+/// close, others' connections may take the room (a node at its cap is one many dial).
+const ROOM_ATTEMPTS: u8 = 3;
 /// How long shutdown waits for calls in flight to finish.
 const SHUTDOWN_GRACE: Duration = Duration::from_secs(5);
 /// The first wait before announcements that reached nobody go out again; it doubles up to
@@ -202,8 +205,8 @@ struct Connecting {
     waiters: Vec<oneshot::Sender<Result<()>>>,
     /// Whether the DHT was asked already: a second failure is final.
     looked_up: bool,
-    /// Whether a connection was closed to make room for this one already.
-    made_room: bool,
+    /// Connections closed to make room for this one so far.
+    rooms_made: u8,
 }
 
 struct PublishGroup {
@@ -239,8 +242,9 @@ pub(crate) struct EventLoop {
     stop_serving: watch::Sender<bool>,
     /// Calls waiting to be connected to their callee.
     connecting: HashMap<PeerId, Connecting>,
-    /// Connections closing to make room, and whom for: dialed when the close is done.
-    room_for: HashMap<PeerId, PeerId>,
+    /// Connections closing to make room, and whom for (if one of our calls waits): dialed
+    /// when the close is done.
+    room_for: HashMap<PeerId, Option<PeerId>>,
     last_trim: Instant,
     /// When each connected peer last connected, called, answered or sent gossip: trimming
     /// closes the longest idle first and spares those active within `trim_grace`.
@@ -705,12 +709,13 @@ impl EventLoop {
         spare
     }
 
-    /// Our own cap on connections refused a dial that a call or request waits for: close the
-    /// longest idle spare connection, and dial again once it has closed. The cap is twice the
-    /// high watermark, and trimming spares young connections, so a node that answered many
-    /// lookups can sit at the cap for a while; its own calls should not fail for that.
-    /// Whether it made room.
-    fn make_room(&mut self, peer: PeerId) -> bool {
+    /// Our own cap on connections refused a connection: close the longest idle spare one. If
+    /// one of our calls or requests waits for it (`for_peer`), dial that peer again once the
+    /// close is done; a refused caller tries again by itself. The cap is twice the high
+    /// watermark, and trimming spares young connections, so a node that answered many lookups
+    /// can sit at the cap for a while; neither its own calls nor its callers should fail for
+    /// that, while an idle connection stays open. Whether it made room.
+    fn make_room(&mut self, for_peer: Option<PeerId>) -> bool {
         let established = self
             .swarm
             .network_info()
@@ -726,11 +731,11 @@ impl EventLoop {
         else {
             return false;
         };
-        tracing::debug!(%peer, %victim, "at the connection cap: closing an idle connection");
+        tracing::debug!(?for_peer, %victim, "at the connection cap: closing an idle connection");
         if self.swarm.disconnect_peer_id(victim).is_err() {
             return false;
         }
-        self.room_for.insert(victim, peer);
+        self.room_for.insert(victim, for_peer);
         true
     }
 
@@ -762,7 +767,7 @@ impl EventLoop {
             Connecting {
                 waiters: vec![reply],
                 looked_up: false,
-                made_room: false,
+                rooms_made: 0,
             },
         );
         self.dial_peer(peer);
@@ -779,15 +784,15 @@ impl EventLoop {
         }
     }
 
-    /// A dial to `peer` failed: make room once if our own cap refused it, else see
+    /// A dial to `peer` failed: make room if our own cap refused it, else see
     /// [`Self::connect_failed`].
     fn dial_failed(&mut self, peer: PeerId, error: &DialError) {
         if let DialError::Denied { .. } = error
             && let Some(c) = self.connecting.get_mut(&peer)
-            && !c.made_room
+            && c.rooms_made < ROOM_ATTEMPTS
         {
-            c.made_room = true;
-            if self.make_room(peer) {
+            c.rooms_made += 1;
+            if self.make_room(Some(peer)) {
                 return;
             }
         }
@@ -1116,6 +1121,7 @@ impl EventLoop {
             } => {
                 // The swarm reports these silently; a node at its limits should say so.
                 tracing::debug!(?peer_id, "inbound connection refused: {cause}");
+                self.make_room(None);
             }
             SwarmEvent::ConnectionClosed {
                 connection_id,
@@ -1126,7 +1132,7 @@ impl EventLoop {
                 self.nat_connection_closed(connection_id);
                 if num_established == 0 {
                     self.last_active.remove(&peer_id);
-                    if let Some(waiting) = self.room_for.remove(&peer_id)
+                    if let Some(Some(waiting)) = self.room_for.remove(&peer_id)
                         && self.connecting.contains_key(&waiting)
                     {
                         self.dial_peer(waiting);
