@@ -86,6 +86,8 @@ pub(super) struct Nat {
     connections: HashMap<ConnectionId, ConnectionInfo>,
     punched: u64,
     punch_failed: u64,
+    /// Circuits this node relays now (as a relay server).
+    circuits: usize,
 }
 
 impl Nat {
@@ -106,6 +108,7 @@ impl Nat {
             connections: HashMap::new(),
             punched: 0,
             punch_failed: 0,
+            circuits: 0,
         }
     }
 }
@@ -221,6 +224,32 @@ impl EventLoop {
                 tracing::debug!(peer = %src_peer_id, "inbound relayed connection");
             }
             relay::client::Event::OutboundCircuitEstablished { .. } => {}
+        }
+    }
+
+    /// As a relay: counts circuits, and says why one was refused (libp2p's status for every
+    /// limit is the same "resource limit exceeded").
+    pub(super) fn on_relay(&mut self, event: relay::Event) {
+        match event {
+            relay::Event::CircuitReqAccepted { .. } => self.nat.circuits += 1,
+            relay::Event::CircuitClosed { .. } => {
+                self.nat.circuits = self.nat.circuits.saturating_sub(1);
+            }
+            relay::Event::CircuitReqDenied {
+                src_peer_id,
+                dst_peer_id,
+                status,
+            } => {
+                tracing::debug!(
+                    src = %src_peer_id,
+                    dst = %dst_peer_id,
+                    ?status,
+                    circuits = self.nat.circuits,
+                    max = self.config.relay.max_circuits,
+                    "circuit refused"
+                );
+            }
+            _ => {}
         }
     }
 
