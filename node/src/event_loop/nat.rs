@@ -257,12 +257,35 @@ impl EventLoop {
         match event.result {
             Ok(_) => {
                 self.nat.punched += 1;
-                tracing::info!(peer = %event.remote_peer_id, "hole punched: direct connection");
+                let peer = event.remote_peer_id;
+                tracing::info!(%peer, "hole punched: direct connection");
+                self.close_relayed(peer);
             }
             Err(e) => {
                 self.nat.punch_failed += 1;
                 tracing::debug!(peer = %event.remote_peer_id, "hole punching failed: {e}");
             }
+        }
+    }
+
+    /// Closes the relayed connections to `peer`, which now has a direct one: each holds a
+    /// circuit at its relay for as long as it lives (gossip keeps it from going idle), and a
+    /// relay's circuits run out (nat-relay-200's four relays refused thousands at 512). Not
+    /// while a call or request is in flight: it may be on the relayed connection.
+    fn close_relayed(&mut self, peer: PeerId) {
+        if self.activity.busy().contains(&peer) || self.requests.values().any(|r| r.peer == peer) {
+            return;
+        }
+        let relayed: Vec<ConnectionId> = self
+            .nat
+            .connections
+            .iter()
+            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .map(|(id, _)| *id)
+            .collect();
+        for id in relayed {
+            tracing::debug!(%peer, "closing the relayed connection beside a direct one");
+            self.swarm.close_connection(id);
         }
     }
 
