@@ -689,7 +689,7 @@ async fn main() {
     let (seq, total, cold_n) = if quick {
         (500, 4_000, 5)
     } else {
-        (3_000, 20_000, 20)
+        (3_000, 20_000, 100)
     };
     let mut rows = Vec::new();
     for net in [Net::Tcp, Net::Quic] {

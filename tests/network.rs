@@ -690,3 +690,60 @@ async fn an_agent_hands_out_its_own_card() {
     let _ = tokio::time::timeout(Duration::from_secs(5), stream.read_to_end(&mut rest)).await;
     assert!(rest.is_empty(), "no answer to a malformed request");
 }
+
+/// Call pipes negotiate lazily: the call goes out with the protocol proposal. A peer that is
+/// not a skillmesh node refuses the protocol on the first read, and the call says so at once
+/// instead of retrying or waiting for its timeout.
+#[tokio::test]
+async fn a_call_to_a_peer_without_call_pipes_says_it_serves_none() {
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{SwarmBuilder, noise, ping, tcp, yamux};
+
+    // A bare libp2p peer: ping over TCP, nothing else.
+    let mut other = SwarmBuilder::with_new_identity()
+        .with_tokio()
+        .with_tcp(
+            tcp::Config::default(),
+            noise::Config::new,
+            yamux::Config::default,
+        )
+        .expect("tcp")
+        .with_behaviour(|_| ping::Behaviour::default())
+        .expect("behaviour")
+        .with_swarm_config(|c| c.with_idle_connection_timeout(Duration::from_secs(30)))
+        .build();
+    other
+        .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+        .expect("listen");
+    let addr = loop {
+        if let SwarmEvent::NewListenAddr { address, .. } = other.select_next_some().await {
+            break address;
+        }
+    };
+    let peer = *other.local_peer_id();
+    let served = tokio::spawn(async move {
+        loop {
+            other.select_next_some().await;
+        }
+    });
+
+    let node = common::start(common::config(&[])).await;
+    node.dial(addr.with(libp2p::multiaddr::Protocol::P2p(peer)))
+        .await
+        .expect("dial");
+    let started = std::time::Instant::now();
+    let r = node.call(peer, "translate", json!({"text": "hi"})).await;
+    match r {
+        Err(Error::Unreachable { reason, .. }) => assert!(
+            reason.contains("does not serve skill calls"),
+            "reason: {reason}"
+        ),
+        other => panic!("expected 'does not serve skill calls', got {other:?}"),
+    }
+    assert!(
+        started.elapsed() < Duration::from_secs(5),
+        "the refusal took {:?}",
+        started.elapsed()
+    );
+    served.abort();
+}

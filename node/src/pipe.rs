@@ -18,6 +18,7 @@ use std::io;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
+use libp2p::core::upgrade::NegotiationError;
 use libp2p::futures::io::{BufReader, ReadHalf};
 use libp2p::futures::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt,
@@ -32,6 +33,8 @@ use crate::calls::Inbound;
 use crate::error::{Error, Result};
 use crate::event_loop::Command;
 
+/// Why a call to a peer without call pipes fails.
+const NOT_SERVED: &str = "it does not serve skill calls (no call pipe protocol)";
 /// The stream protocol of call pipes.
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(CALL_PROTOCOL);
 /// The tag of the callee's first, empty frame: it has taken the pipe and reads it.
@@ -305,6 +308,9 @@ enum PipeError {
     Closed,
     /// The call went out and no answer came back.
     Lost(String),
+    /// The peer does not serve call pipes: its answer to our optimistic (lazy) protocol
+    /// negotiation was a refusal.
+    Unsupported,
 }
 
 impl Pipes {
@@ -342,6 +348,13 @@ impl Pipes {
                     return Err(Error::Unreachable {
                         peer: Box::new(peer),
                         reason,
+                    });
+                }
+                Err(PipeError::Unsupported) => {
+                    self.forget(peer, &pipe);
+                    return Err(Error::Unreachable {
+                        peer: Box::new(peer),
+                        reason: NOT_SERVED.to_owned(),
                     });
                 }
             }
@@ -415,9 +428,7 @@ impl Pipes {
             match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
                 Ok(Ok(stream)) => return Ok(stream),
                 Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
-                    return Err(unreachable(
-                        "it does not serve skill calls (no call pipe protocol)".to_owned(),
-                    ));
+                    return Err(unreachable(NOT_SERVED.to_owned()));
                 }
                 // The connection closed under the stream being opened: libp2p says only
                 // "oneshot canceled".
@@ -434,6 +445,15 @@ impl Pipes {
         }
         Err(unreachable(last))
     }
+}
+
+/// Whether a pipe's read failed because the peer refused the protocol. Outbound streams
+/// negotiate lazily (`behaviour.rs`): the call goes out with the protocol proposal, and a
+/// refusal arrives as the first read instead of failing the open.
+fn refused_protocol(e: &io::Error) -> bool {
+    e.get_ref()
+        .and_then(|inner| inner.downcast_ref::<NegotiationError>())
+        .is_some_and(|n| matches!(n, NegotiationError::Failed))
 }
 
 /// A caller's place in the line to open a pipe to `peer`; the last one out (however it leaves:
@@ -517,6 +537,11 @@ impl Pipe {
             let frames = match read_frames(&mut read, max, MAX_BATCH).await {
                 Ok(f) if f.is_empty() => break "closed".to_owned(),
                 Ok(f) => f,
+                Err(e) if refused_protocol(&e) => {
+                    tracing::debug!(%peer, "call pipe refused: {NOT_SERVED}");
+                    self.close(peer, &pipes, true);
+                    return;
+                }
                 Err(e) => break e.to_string(),
             };
             let results: Vec<&[u8]> = frames
@@ -547,18 +572,21 @@ impl Pipe {
             }
         };
         tracing::debug!(%peer, "call pipe ended: {end}");
-        self.close(peer, &pipes);
+        self.close(peer, &pipes, false);
     }
 
-    /// Marks the pipe closed, fails the calls waiting on it, and forgets it.
-    fn close(self: &Arc<Self>, peer: PeerId, pipes: &Pipes) {
+    /// Marks the pipe closed, fails the calls waiting on it (`refused`: the peer does not
+    /// serve call pipes), and forgets it.
+    fn close(self: &Arc<Self>, peer: PeerId, pipes: &Pipes, refused: bool) {
         let (waiting, accepted) = {
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
             st.closed = true;
             (std::mem::take(&mut st.pending), st.accepted)
         };
         for (_, w) in waiting {
-            let _ = w.send(Err(if accepted {
+            let _ = w.send(Err(if refused {
+                PipeError::Unsupported
+            } else if accepted {
                 PipeError::Lost("the connection closed before the result came".to_owned())
             } else {
                 PipeError::Closed
