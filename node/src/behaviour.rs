@@ -69,7 +69,7 @@ pub(crate) struct Behaviour {
 /// turn that into "does not serve skill calls" (`pipe.rs`), and every other protocol here fails
 /// the request as it did. Streams are not nested, so V1Lazy's caveat (a listener missing an
 /// intermediate protocol) does not arise. Measured on loopback TCP (`cargo bench --bench calls
-/// -- --only cold`): a cold call took 10-15 % less.
+/// -- --only cold`): a cold call took 10-12 % less.
 const STREAMS: Version = Version::V1Lazy;
 
 /// Established connections at most. The hard cap sits well above the high watermark:

@@ -351,7 +351,6 @@ impl Pipes {
                     });
                 }
                 Err(PipeError::Unsupported) => {
-                    self.forget(peer, &pipe);
                     return Err(Error::Unreachable {
                         peer: Box::new(peer),
                         reason: NOT_SERVED.to_owned(),
