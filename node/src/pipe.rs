@@ -426,6 +426,8 @@ impl Pipes {
             let mut control = self.control.clone();
             match tokio::time::timeout(OPEN_TIMEOUT, control.open_stream(peer, PROTOCOL)).await {
                 Ok(Ok(stream)) => return Ok(stream),
+                // Only with eager negotiation; under `behaviour::STREAMS` (lazy) the refusal
+                // comes on the pipe's first read instead (`refused_protocol`).
                 Ok(Err(libp2p_stream::OpenStreamError::UnsupportedProtocol(_))) => {
                     return Err(unreachable(NOT_SERVED.to_owned()));
                 }
