@@ -947,9 +947,11 @@ impl EventLoop {
         }
     }
 
-    /// A key whose publication walk timed out was stored nowhere (libp2p sends provider
-    /// records only after the walk), and lookups miss it until the next republish, 30 min
-    /// away by default: go again soon instead, backing off while it keeps failing.
+    /// A key whose publication walk timed out was stored only at the closest peers that walk
+    /// reached (vendor/libp2p-kad), which may be few and not the nearest to the key: on a
+    /// 1,000-node netsim run, a server whose walk timed out was held by 5 peers of ranks 5 to
+    /// 26, and lookups that stopped after asking ranks 0-4 missed it. Go again soon instead of
+    /// at the next republish, 30 min away by default, backing off while it keeps failing.
     fn after_publish(&mut self, group: u64, report: &PublishReport) {
         // A later publication went out since: it carries everything this one did.
         if group + 1 != self.next_group {

@@ -1569,6 +1569,7 @@ where
                         provider_id,
                         external_addresses,
                         get_closest_peers_stats: q.stats,
+                        walk_timed_out: false,
                     },
                 };
                 self.queries
@@ -1582,22 +1583,27 @@ where
                 phase:
                     AddProviderPhase::AddProvider {
                         get_closest_peers_stats,
+                        walk_timed_out,
                         ..
                     },
-            } => match context {
-                AddProviderContext::Publish => Some(Event::OutboundQueryProgressed {
+            } => {
+                // skillmesh: records sent after a timed-out walk are stored, but perhaps not
+                // where lookups ask first; the caller hears of the timeout and can go again.
+                let result = if walk_timed_out {
+                    Err(AddProviderError::Timeout { key })
+                } else {
+                    Ok(AddProviderOk { key })
+                };
+                Some(Event::OutboundQueryProgressed {
                     id: query_id,
                     stats: get_closest_peers_stats.merge(q.stats),
-                    result: QueryResult::StartProviding(Ok(AddProviderOk { key })),
+                    result: match context {
+                        AddProviderContext::Publish => QueryResult::StartProviding(result),
+                        AddProviderContext::Republish => QueryResult::RepublishProvider(result),
+                    },
                     step: ProgressStep::first_and_last(),
-                }),
-                AddProviderContext::Republish => Some(Event::OutboundQueryProgressed {
-                    id: query_id,
-                    stats: get_closest_peers_stats.merge(q.stats),
-                    result: QueryResult::RepublishProvider(Ok(AddProviderOk { key })),
-                    step: ProgressStep::first_and_last(),
-                }),
-            },
+                })
+            }
 
             QueryInfo::GetRecord {
                 key,
@@ -1697,7 +1703,8 @@ where
             // provider record) at the closest peers the walk reached, as go-libp2p-kad-dht's
             // `Provide` does; upstream drops them, so under load a walk that ran out of time
             // stored nothing anywhere and lookups missed the key until the next republish.
-            // The put phase has its own timeout and reports as it would after a full walk.
+            // The put phase has its own timeout; when it ends, the result is still the walk's
+            // timeout, so that the publisher knows to announce again.
             QueryInfo::AddProvider {
                 context,
                 key,
@@ -1730,6 +1737,7 @@ where
                         provider_id: self.local_peer_id,
                         external_addresses: self.external_addresses.iter().cloned().collect(),
                         get_closest_peers_stats: query.stats,
+                        walk_timed_out: true,
                     },
                 };
                 self.queries.continue_fixed(query_id, peers, info);
@@ -3417,6 +3425,9 @@ pub enum AddProviderPhase {
         external_addresses: Vec<Multiaddr>,
         /// Query statistics from the finished `GetClosestPeers` phase.
         get_closest_peers_stats: QueryStats,
+        /// skillmesh: whether the walk for the closest peers timed out, so the record went to
+        /// the closest peers it reached, which may not be the closest to the key.
+        walk_timed_out: bool,
     },
 }
 
