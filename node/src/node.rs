@@ -468,9 +468,20 @@ impl Node {
         });
         let mut found = Vec::new();
         for (peer, card) in libp2p::futures::future::join_all(cards).await {
-            let Ok(Ok(Some((card, bytes)))) = card else {
-                tracing::debug!(%peer, "provider without a valid card");
-                continue;
+            let (card, bytes) = match card {
+                Ok(Ok(Some(c))) => c,
+                Ok(Ok(None)) => {
+                    tracing::debug!(%peer, "provider without a valid card, from it or the DHT");
+                    continue;
+                }
+                Ok(Err(e)) => {
+                    tracing::debug!(%peer, "provider's card not fetched: {e}");
+                    continue;
+                }
+                Err(_) => {
+                    tracing::debug!(%peer, "provider's card not fetched in {timeout:?}");
+                    continue;
+                }
             };
             let skills: Vec<SkillSpec> = card
                 .skills

@@ -15,11 +15,13 @@
 
 use std::collections::HashMap;
 use std::io;
+use std::pin::Pin;
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
 use libp2p::core::upgrade::NegotiationError;
-use libp2p::futures::io::{BufReader, ReadHalf};
+use libp2p::futures::io::{BufReader, ReadHalf, WriteHalf};
 use libp2p::futures::{
     AsyncBufReadExt, AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, StreamExt,
 };
@@ -64,6 +66,78 @@ const READ_AHEAD: usize = 16;
 /// Each pipe reader's buffer: frames that arrive together are read from it together, and their
 /// signatures checked as one batch.
 const READ_BUFFER: usize = 64 * 1024;
+
+/// A pipe's stream, split for its reader and writer tasks, which touch it no more once a read
+/// has failed.
+///
+/// Our pipes negotiate lazily: the first call goes out with the protocol proposal, and the
+/// callee's confirmation is read with its first frame. When that read fails (the callee refused
+/// the protocol or dropped the stream), multistream-select leaves the stream in a state in which
+/// any later write, flush or read panics ("Negotiated: Invalid state"), and the writer task may
+/// still hold frames: 1,000 netsim nodes hit it. From the first failed read on, this answers
+/// every use with a broken pipe instead.
+struct Guarded<S> {
+    inner: S,
+    failed: bool,
+}
+
+fn split_guarded(stream: Stream) -> (ReadHalf<Guarded<Stream>>, WriteHalf<Guarded<Stream>>) {
+    Guarded {
+        inner: stream,
+        failed: false,
+    }
+    .split()
+}
+
+impl<S> Guarded<S> {
+    fn broken() -> io::Error {
+        io::Error::new(io::ErrorKind::BrokenPipe, "the pipe's stream failed")
+    }
+}
+
+impl<S: AsyncRead + Unpin> AsyncRead for Guarded<S> {
+    fn poll_read(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut [u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.failed {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        let r = Pin::new(&mut self.inner).poll_read(cx, buf);
+        if let Poll::Ready(Err(_)) = r {
+            self.failed = true;
+        }
+        r
+    }
+}
+
+impl<S: AsyncWrite + Unpin> AsyncWrite for Guarded<S> {
+    fn poll_write(
+        mut self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<io::Result<usize>> {
+        if self.failed {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut self.inner).poll_write(cx, buf)
+    }
+
+    fn poll_flush(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.failed {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut self.inner).poll_flush(cx)
+    }
+
+    fn poll_close(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+        if self.failed {
+            return Poll::Ready(Err(Self::broken()));
+        }
+        Pin::new(&mut self.inner).poll_close(cx)
+    }
+}
 
 /// A result as the caller's pipe read it: signature checked, decoded, signed by the callee.
 pub(crate) type Answer = std::result::Result<CallResult, EnvelopeError>;
@@ -477,7 +551,7 @@ impl Drop for Gate<'_> {
 
 impl Pipe {
     fn start(peer: PeerId, stream: Stream, pipes: Arc<Pipes>) -> Arc<Pipe> {
-        let (read, write) = stream.split();
+        let (read, write) = split_guarded(stream);
         let (frames, rx) = mpsc::channel(WRITE_QUEUE);
         let pipe = Arc::new(Pipe {
             state: Mutex::new(PipeState {
@@ -529,7 +603,7 @@ impl Pipe {
     async fn read_results(
         self: Arc<Self>,
         peer: PeerId,
-        read: ReadHalf<Stream>,
+        read: ReadHalf<Guarded<Stream>>,
         pipes: Arc<Pipes>,
     ) {
         let max = Kind::CallResult.max_envelope();
@@ -727,7 +801,7 @@ async fn serve_pipe(
     limits: ServeLimits,
     mut stop: watch::Receiver<bool>,
 ) {
-    let (read, write) = stream.split();
+    let (read, write) = split_guarded(stream);
     let (frames_tx, rx) = mpsc::channel(WRITE_QUEUE);
     tokio::spawn(write_frames(write, rx));
     if frames_tx.send(frame(ACCEPTED, &[])).await.is_err() {
@@ -849,5 +923,59 @@ mod tests {
             assert_eq!(got, Some((i, vec![i as u8; 3])));
         }
         assert_eq!(read_frame(&mut r, 10).await.expect("end"), None);
+    }
+
+    /// Stands for a lazily negotiated stream: once a read failed, any later use panics.
+    struct Fragile {
+        failed: bool,
+    }
+
+    impl AsyncRead for Fragile {
+        fn poll_read(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            _: &mut [u8],
+        ) -> Poll<io::Result<usize>> {
+            assert!(!self.failed, "read after a failed read");
+            self.failed = true;
+            Poll::Ready(Err(io::ErrorKind::ConnectionReset.into()))
+        }
+    }
+
+    impl AsyncWrite for Fragile {
+        fn poll_write(
+            self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+            b: &[u8],
+        ) -> Poll<io::Result<usize>> {
+            assert!(!self.failed, "write after a failed read");
+            Poll::Ready(Ok(b.len()))
+        }
+        fn poll_flush(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            assert!(!self.failed, "flush after a failed read");
+            Poll::Ready(Ok(()))
+        }
+        fn poll_close(self: Pin<&mut Self>, _: &mut Context<'_>) -> Poll<io::Result<()>> {
+            assert!(!self.failed, "close after a failed read");
+            Poll::Ready(Ok(()))
+        }
+    }
+
+    #[tokio::test]
+    async fn a_stream_whose_read_failed_is_not_used_again() {
+        let (read, write) = Guarded {
+            inner: Fragile { failed: false },
+            failed: false,
+        }
+        .split();
+        let mut read = BufReader::new(read);
+        assert!(read_frame(&mut read, 10).await.is_err(), "the failed read");
+        let err = read_frame(&mut read, 10).await.expect_err("a second read");
+        assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
+        // The writer still holds a frame: it stops at the first write, without a panic.
+        let (tx, rx) = mpsc::channel(8);
+        tx.send(frame(1, b"late")).await.expect("queue");
+        drop(tx);
+        write_frames(write, rx).await;
     }
 }

@@ -52,6 +52,8 @@ pub(crate) const COMMAND_BUFFER: usize = 1024;
 const RESPONSE_BUFFER: usize = 1024;
 /// Providers one lookup collects before it stops.
 pub(crate) const MAX_PROVIDERS_PER_LOOKUP: usize = 20;
+/// Addresses taken from a provider record, per provider, at most.
+const ADDRS_PER_PROVIDER: usize = 8;
 /// Answers with providers a lookup waits for before it stops. Providers are stored at the
 /// peers nearest to the key as each provider's own walk saw them, and those walks do not all
 /// end at the same 20 peers: on a loaded 1,000-node netsim run, stopping at two answers missed
@@ -1454,9 +1456,22 @@ impl EventLoop {
                 Pending::Providers(mut found, mut answers, counted, reply),
                 QueryResult::GetProviders(r),
             ) => {
-                if let Ok(GetProvidersOk::FoundProviders { providers, .. }) = r
+                if let Ok(GetProvidersOk::FoundProviders {
+                    providers,
+                    addresses,
+                    ..
+                }) = r
                     && !providers.is_empty()
                 {
+                    // The card requests that follow dial these: the query that carried them
+                    // is finished by then, and its addresses gone with it.
+                    for (peer, addrs) in addresses {
+                        if peer != self.signing.peer_id() && providers.contains(&peer) {
+                            for a in addrs.into_iter().take(ADDRS_PER_PROVIDER) {
+                                self.swarm.add_peer_address(peer, a);
+                            }
+                        }
+                    }
                     found.extend(providers);
                     answers = answers.saturating_add(1);
                 }
@@ -1471,19 +1486,26 @@ impl EventLoop {
                 }
             }
             (Pending::Card(peer, mut best, reply), QueryResult::GetRecord(r)) => {
+                // A valid card from another peer ends the walk: one copy is enough, and going on
+                // to ask all twenty of the key's nearest peers only keeps the lookup waiting.
+                // Our own stored copy may be old: after that one the walk goes on.
+                let mut remote = false;
                 if let Ok(GetRecordOk::FoundRecord(found)) = r {
                     match verify_card_record(&found.record) {
-                        Ok(card)
-                            if card.peer_id == peer
-                                && best.as_ref().is_none_or(|b| b.0.seq < card.seq) =>
-                        {
-                            best = Some(Box::new((card, found.record.value)));
+                        Ok(card) if card.peer_id == peer => {
+                            remote = found.peer.is_some();
+                            if best.as_ref().is_none_or(|b| b.0.seq < card.seq) {
+                                best = Some(Box::new((card, found.record.value)));
+                            }
                         }
                         Ok(_) => {}
                         Err(e) => tracing::debug!(%peer, "ignored a bad card record: {e}"),
                     }
                 }
-                if last {
+                if last || remote {
+                    if !last && let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
                     let _ = reply.send(best.map(|b| *b));
                 } else {
                     self.queries.insert(id, Pending::Card(peer, best, reply));
@@ -1500,13 +1522,20 @@ impl EventLoop {
                 }
             }
             (Pending::PeerCard(peer, mut addrs, requests), QueryResult::GetRecord(r)) => {
+                // As for `Pending::Card`: another peer's copy of the card ends the walk.
+                let mut remote = false;
                 if let Ok(GetRecordOk::FoundRecord(found)) = r
                     && let Ok(card) = verify_card_record(&found.record)
                     && card.peer_id == peer
                 {
+                    remote = found.peer.is_some() && !card.addrs.is_empty();
                     addrs.extend(card.addrs);
                 }
-                if !last {
+                if !last && remote {
+                    if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
+                        q.finish();
+                    }
+                } else if !last {
                     self.queries
                         .insert(id, Pending::PeerCard(peer, addrs, requests));
                     return;
