@@ -458,10 +458,10 @@ impl Node {
         .await
         .map_err(|_| Error::Timeout(timeout))??;
         tracing::debug!(%query, providers = providers.len(), "providers found");
-        let cards = providers.into_iter().map(|peer| async move {
+        let cards = providers.into_iter().map(|(peer, addrs)| async move {
             let card = tokio::time::timeout(
                 timeout,
-                self.request(|reply| Command::GetCard { peer, reply }),
+                self.request(|reply| Command::GetCard { peer, addrs, reply }),
             )
             .await;
             (peer, card)

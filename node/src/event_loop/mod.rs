@@ -104,10 +104,14 @@ pub(crate) enum Command {
         key: RecordKey,
         /// Counted in the lookup metrics: a skill or tag lookup, not the node's own upkeep.
         counted: bool,
-        reply: oneshot::Sender<Vec<PeerId>>,
+        /// Each provider with the addresses the answers gave for it.
+        reply: oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
     },
     GetCard {
         peer: PeerId,
+        /// Where the card request may dial, besides the addresses the node knows: hints from
+        /// a provider lookup, used for this request only (a third party gave them).
+        addrs: Vec<Multiaddr>,
         reply: oneshot::Sender<Option<(AgentCard, Vec<u8>)>>,
     },
     /// Replies once connected to `peer`, looking it up in the DHT if its known addresses fail.
@@ -225,7 +229,12 @@ struct PublishGroup {
 enum Pending {
     /// Providers found so far, how many answers carried some, and whether the lookup counts
     /// in the metrics.
-    Providers(HashSet<PeerId>, u8, bool, oneshot::Sender<Vec<PeerId>>),
+    Providers(
+        HashMap<PeerId, Vec<Multiaddr>>,
+        u8,
+        bool,
+        oneshot::Sender<Vec<(PeerId, Vec<Multiaddr>)>>,
+    ),
     Card(PeerId, Option<Box<(AgentCard, Vec<u8>)>>, CardReply),
     /// Where the peer is, then requests to retry (and connections to make) with it.
     PeerLookup(PeerId, Vec<PendingRequest>),
@@ -473,9 +482,9 @@ impl EventLoop {
             } => {
                 let id = self.swarm.behaviour_mut().kad.get_providers(key);
                 self.queries
-                    .insert(id, Pending::Providers(HashSet::new(), 0, counted, reply));
+                    .insert(id, Pending::Providers(HashMap::new(), 0, counted, reply));
             }
-            Command::GetCard { peer, reply } => {
+            Command::GetCard { peer, addrs, reply } => {
                 if peer == self.signing.peer_id() {
                     let _ = reply.send(self.own_card.clone());
                     return;
@@ -487,7 +496,7 @@ impl EventLoop {
                     .swarm
                     .behaviour_mut()
                     .cards
-                    .send_request(&peer, Vec::new());
+                    .send_request_with_addresses(&peer, Vec::new(), addrs);
                 self.card_requests.insert(id, (peer, reply));
             }
             Command::Connect { peer, reply } => self.connect(peer, reply),
@@ -1469,15 +1478,22 @@ impl EventLoop {
                     && !providers.is_empty()
                 {
                     // The card requests that follow dial these: the query that carried them
-                    // is finished by then, and its addresses gone with it.
-                    for (peer, addrs) in addresses {
-                        if peer != self.signing.peer_id() && providers.contains(&peer) {
-                            for a in addrs.into_iter().take(ADDRS_PER_PROVIDER) {
-                                self.swarm.add_peer_address(peer, a);
+                    // is finished by then, and its addresses gone with it. Only those requests:
+                    // the addresses come from a third party and may be stale (a NAT'd agent's
+                    // from before it knew), and a call that dialed them would wait out a TCP
+                    // timeout before it asked the DHT for the agent's card.
+                    let mut addresses: HashMap<PeerId, Vec<Multiaddr>> =
+                        addresses.into_iter().collect();
+                    for peer in providers {
+                        let addrs = found.entry(peer).or_default();
+                        if let Some(more) = addresses.remove(&peer) {
+                            for a in more {
+                                if addrs.len() < ADDRS_PER_PROVIDER && !addrs.contains(&a) {
+                                    addrs.push(a);
+                                }
                             }
                         }
                     }
-                    found.extend(providers);
                     answers = answers.saturating_add(1);
                 }
                 if last || found.len() >= MAX_PROVIDERS_PER_LOOKUP || answers >= PROVIDER_ANSWERS {

@@ -386,7 +386,11 @@ impl Messenger {
         let timeout = self.config.dht.query_timeout;
         let found = tokio::time::timeout(
             timeout,
-            self.request(|reply| Command::GetCard { peer, reply }),
+            self.request(|reply| Command::GetCard {
+                peer,
+                addrs: Vec::new(),
+                reply,
+            }),
         )
         .await
         .ok()
@@ -508,7 +512,10 @@ impl Messenger {
                 reply,
             })
             .await
-            .unwrap_or_default();
+            .unwrap_or_default()
+            .into_iter()
+            .map(|(p, _)| p)
+            .collect::<Vec<_>>();
         found.retain(|p| *p != self.me);
         // Keep mailboxes that are still offered, so mail already waiting is still fetched.
         let mut chosen: Vec<PeerId> = current.into_iter().filter(|p| found.contains(p)).collect();
