@@ -1482,15 +1482,16 @@ impl EventLoop {
                     // the addresses come from a third party and may be stale (a NAT'd agent's
                     // from before it knew), and a call that dialed them would wait out a TCP
                     // timeout before it asked the DHT for the agent's card.
-                    let mut addresses: HashMap<PeerId, Vec<Multiaddr>> =
-                        addresses.into_iter().collect();
                     for peer in providers {
-                        let addrs = found.entry(peer).or_default();
-                        if let Some(more) = addresses.remove(&peer) {
-                            for a in more {
-                                if addrs.len() < ADDRS_PER_PROVIDER && !addrs.contains(&a) {
-                                    addrs.push(a);
-                                }
+                        found.entry(peer).or_default();
+                    }
+                    for (peer, more) in addresses {
+                        let Some(addrs) = found.get_mut(&peer) else {
+                            continue;
+                        };
+                        for a in more {
+                            if addrs.len() < ADDRS_PER_PROVIDER && !addrs.contains(&a) {
+                                addrs.push(a);
                             }
                         }
                     }
@@ -1552,14 +1553,15 @@ impl EventLoop {
                     remote = found.peer.is_some() && !card.addrs.is_empty();
                     addrs.extend(card.addrs);
                 }
-                if !last && remote {
+                if !last {
+                    if !remote {
+                        self.queries
+                            .insert(id, Pending::PeerCard(peer, addrs, requests));
+                        return;
+                    }
                     if let Some(mut q) = self.swarm.behaviour_mut().kad.query_mut(&id) {
                         q.finish();
                     }
-                } else if !last {
-                    self.queries
-                        .insert(id, Pending::PeerCard(peer, addrs, requests));
-                    return;
                 }
                 if addrs.is_empty() {
                     let id = self.swarm.behaviour_mut().kad.get_closest_peers(peer);
