@@ -70,6 +70,9 @@ async fn skills_are_found_by_name_and_tag_and_called() {
         .await
         .expect("register");
     assert_eq!(report.keys, 3, "name and two tags");
+    // Each key's record was written to the closest peers found (both others), and the card
+    // stored: an announcement that reached too few is reported so, and goes out again.
+    assert!(report.complete(), "{report:?}");
 
     let found = b.find_served_by("translate", c.peer_id()).await;
     assert_eq!(found.skills[0].version.to_string(), "1.2.0");

@@ -1599,7 +1599,11 @@ where
                 let result = if walk_timed_out {
                     Err(AddProviderError::Timeout { key })
                 } else {
-                    Ok(AddProviderOk { key })
+                    Ok(AddProviderOk {
+                        key,
+                        peers: q.stats.num_requests(),
+                        sent: q.stats.num_successes(),
+                    })
                 };
                 Some(Event::OutboundQueryProgressed {
                     id: query_id,
@@ -2518,6 +2522,12 @@ where
                 }
             }
 
+            HandlerEvent::AddProviderSent { query_id } => {
+                if let Some(query) = self.queries.get_mut(&query_id) {
+                    query.on_success(&source, vec![])
+                }
+            }
+
             HandlerEvent::AddProvider { key, provider } => {
                 // Only accept a provider record from a legitimate peer.
                 if provider.node_id != source {
@@ -2745,17 +2755,24 @@ where
                     }
                     QueryPoolState::Waiting(Some((query, peer_id))) => {
                         let event = query.info.to_request(query.id());
-                        // TODO: AddProvider requests yield no response, so the query completes
-                        // as soon as all requests have been sent. However, the handler should
-                        // better emit an event when the request has been sent (and report
-                        // an error if sending fails), instead of immediately reporting
-                        // "success" somewhat prematurely here.
-                        if let QueryInfo::AddProvider {
-                            phase: AddProviderPhase::AddProvider { .. },
-                            ..
-                        } = &query.info
+                        // skillmesh: an `AddProvider` request succeeds when the handler has
+                        // written it (`HandlerEvent::AddProviderSent`), and fails as any
+                        // request does (dial failure, closed connection, stream error).
+                        // Upstream counted it a success here, before it went out, so the put
+                        // phase ended at once, and a request still waiting for a dial
+                        // (`pending_rpcs`) was dropped with the query: a provider record
+                        // reached only the peers still connected when the walk ended.
+                        // The local node stored its own record in `start_providing`.
+                        if &peer_id == self.kbuckets.local_key().preimage()
+                            && matches!(
+                                query.info,
+                                QueryInfo::AddProvider {
+                                    phase: AddProviderPhase::AddProvider { .. },
+                                    ..
+                                }
+                            )
                         {
-                            query.on_success(&peer_id, vec![])
+                            query.on_success(&peer_id, vec![]);
                         }
 
                         if self.connected_peers.contains(&peer_id) {
@@ -3239,6 +3256,11 @@ pub type AddProviderResult = Result<AddProviderOk, AddProviderError>;
 #[derive(Debug, Clone)]
 pub struct AddProviderOk {
     pub key: record::Key,
+    /// skillmesh: the closest peers the walk found, to which the record went.
+    pub peers: u32,
+    /// skillmesh: of those, the ones the record was written to without error. Fewer than
+    /// `peers` means lookups may miss the record at the rest (dial failed, connection closed).
+    pub sent: u32,
 }
 
 /// The possible errors when publishing a provider record.

@@ -235,6 +235,14 @@ pub enum HandlerEvent {
         query_id: QueryId,
     },
 
+    /// skillmesh: an `AddProvider` request was written to the peer and its stream closed
+    /// without error. The protocol has no acknowledgement, so this is as close as the sender
+    /// gets to knowing the record arrived; upstream assumes it before the request goes out.
+    AddProviderSent {
+        /// The user data passed to the `AddProvider`.
+        query_id: QueryId,
+    },
+
     /// The peer announced itself as a provider of a key.
     AddProvider {
         /// The key for which the peer is a provider of the associated value.
@@ -741,8 +749,11 @@ impl ConnectionHandler for Handler {
                         process_kad_response(response, query_id),
                     ));
                 }
-                Poll::Ready((Ok(Ok(None)), _)) => {
-                    continue;
+                // Only `AddProvider` requests have no answer.
+                Poll::Ready((Ok(Ok(None)), query_id)) => {
+                    return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(
+                        HandlerEvent::AddProviderSent { query_id },
+                    ));
                 }
                 Poll::Ready((Ok(Err(e)), query_id)) => {
                     return Poll::Ready(ConnectionHandlerEvent::NotifyBehaviour(
