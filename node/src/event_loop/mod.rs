@@ -62,11 +62,11 @@ const ADDRS_PER_PROVIDER: usize = 8;
 /// lookup's second at 200 nodes and over 30 s on a loaded 1,000. At four answers, with every
 /// card fetched, 0-4 of 300 lookups there still missed a server in three runs (2026-12-03):
 /// each time the DHT's answers had named only two of three, a server whose announcement walk,
-/// run under load, had stored its record at few of the key's true nearest peers (in a fourth
-/// run, 5, with every record of the missed servers written to all 20 their walks found: those
-/// 20 were not the key's nearest). Eight answers
-/// were tried and not kept: one miss, but lookups took 18 s at p50 instead of 1.5 (answers with
-/// providers thin out past the nearest few), 30 DHT requests instead of 16, and 6 timed out.
+/// run under load, had stored its record at few of the key's true nearest peers. A fourth run
+/// missed 5, though every record of the missed servers went to all 20 peers their walks found:
+/// those were not the 20 the lookups met first. Eight answers were tried and not kept: one
+/// miss, but lookups took 18 s at p50 instead of 1.5 (answers with providers thin out past the
+/// nearest few), 30 DHT requests instead of 16, and 6 timed out.
 const PROVIDER_ANSWERS: u8 = 4;
 /// Connections a dial refused by our own cap may close to make room: while it waits for a
 /// close, others' connections may take the room (a node at its cap is one many dial).
