@@ -430,11 +430,14 @@ async fn connections_are_trimmed_back_to_the_watermarks() {
     .await;
 }
 
-/// A node whose hard cap is max(2 x 1, 1 + 8) = 9 established connections, one per peer, and
-/// nine others connected to it: young connections, which trimming spares. Returns the hub and
-/// its spokes.
-async fn hub_at_its_cap() -> (common::TestNode, Vec<common::TestNode>) {
+/// A node whose inbound cap is max(2 x 1, 1 + 8) = 9 established connections, one per peer,
+/// and nine others connected to it: young connections, which trimming spares. Returns the hub
+/// and its spokes. `setup` adjusts the hub's config.
+async fn hub_at_its_cap(
+    setup: impl FnOnce(&mut skillmesh::config::Config),
+) -> (common::TestNode, Vec<common::TestNode>) {
     let mut small = common::config(&[]);
+    setup(&mut small);
     small.network.min_connections = 1;
     small.network.max_connections = 1;
     small.network.max_per_peer = 1;
@@ -457,17 +460,29 @@ async fn hub_at_its_cap() -> (common::TestNode, Vec<common::TestNode>) {
 }
 
 #[tokio::test]
-async fn a_node_at_its_connection_cap_makes_room_for_its_own_call() {
-    let (hub, spokes) = hub_at_its_cap().await;
+async fn a_node_whose_inbound_room_is_full_still_dials_out() {
+    // A DHT client: the spokes do not hand it out, so nobody else dials it and makes it close a
+    // spoke for room; only its own dials could.
+    let (hub, spokes) = hub_at_its_cap(|c| c.dht.mode = skillmesh::config::KadMode::Client).await;
     // A callee the hub has no connection to: it joins through a spoke.
     let via = spokes[0].listen_addrs().await.expect("addrs");
     let callee = common::start(common::config(&via)).await;
     serving(&hub, &callee).await;
+    // Its own dials (the lookup's walk, the call) had room of their own: no spoke was closed
+    // to make it. Trimming spares them all for `trim_grace` (30 s).
+    let peers = hub.peers().await.expect("peers");
+    for spoke in &spokes {
+        let id = spoke.peer_id();
+        assert!(
+            peers.iter().any(|p| p.peer == id && p.connected),
+            "spoke {id} was disconnected"
+        );
+    }
 }
 
 #[tokio::test]
 async fn a_node_at_its_connection_cap_makes_room_for_a_caller() {
-    let (hub, spokes) = hub_at_its_cap().await;
+    let (hub, spokes) = hub_at_its_cap(|_| {}).await;
     let via = spokes[0].listen_addrs().await.expect("addrs");
     let caller = common::start(common::config(&via)).await;
     serving(&caller, &hub).await;

@@ -15,7 +15,7 @@ use rand::{RngExt, SeedableRng};
 use serde_json::{Value, json};
 use skillmesh::config::{Config, KadMode, Reachability};
 use skillmesh::protocol::{Multiaddr, PeerId, ShareMode, SkillSpec};
-use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind, short_id};
+use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind};
 use tokio::task::JoinHandle;
 
 use crate::SimError;
@@ -511,7 +511,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                             Ok(Ok(f)) => {
                                 let got: HashSet<PeerId> = f.into_iter().map(|f| f.peer).collect();
                                 let missing: Vec<String> =
-                                    expected.difference(&got).map(short_id).collect();
+                                    expected.difference(&got).map(|p| p.to_base58()).collect();
                                 if missing.is_empty() {
                                     Ok(())
                                 } else {
@@ -519,7 +519,8 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
                                         .difference(&got)
                                         .filter(|p| unannounced.contains(p))
                                         .count();
-                                    tracing::debug!(looker = %short_id(&node.peer_id()), skill = k, ?missing, "lookup missed servers");
+                                    // Whole ids, to match with the DHT's own logs.
+                                    tracing::debug!(looker = %node.peer_id(), skill = %skill_name(k), ?missing, "lookup missed servers");
                                     Err(format!(
                                         "{} of {} servers not found ({unannounced} of them unannounced)",
                                         missing.len(),

@@ -173,8 +173,8 @@ pub struct NetworkConfig {
     /// Low watermark: trimming stops here.
     pub min_connections: u32,
     /// High watermark: above it the least useful connections are closed, down to
-    /// `min_connections` (sparing those younger than `trim_grace`); new connections are refused
-    /// at twice it.
+    /// `min_connections` (sparing those younger than `trim_grace`); inbound connections are
+    /// refused at twice it (at least 8 above it), and this node's own dials at twice that.
     pub max_connections: u32,
     /// Connections being set up at once, incoming and outgoing each. A stalled DHT lookup has
     /// up to twenty requests out at once, and a node's neighbours all dial it as they join.

@@ -751,10 +751,11 @@ impl EventLoop {
 
     /// Our own cap on connections refused a connection: close the longest idle spare one. If
     /// one of our calls or requests waits for it (`for_peer`), dial that peer again once the
-    /// close is done; a refused caller tries again by itself. The cap is twice the high
-    /// watermark, and trimming spares young connections, so a node that answered many lookups
-    /// can sit at the cap for a while; neither its own calls nor its callers should fail for
-    /// that, while an idle connection stays open. Whether it made room.
+    /// close is done; a refused caller tries again by itself. The caps are twice the high
+    /// watermark for inbound connections and twice that in all (`behaviour::hard_cap`), and
+    /// trimming spares young connections, so a node that answered many lookups can sit at a
+    /// cap for a while; neither its own calls nor its callers should fail for that, while an
+    /// idle connection stays open. Whether it made room.
     fn make_room(&mut self, for_peer: Option<PeerId>) -> bool {
         let established = self
             .swarm
@@ -1251,6 +1252,14 @@ impl EventLoop {
                 ..
             } if self.connecting.contains_key(&peer) && !self.swarm.is_connected(&peer) => {
                 self.dial_failed(peer, &error);
+            }
+            // A DHT walk's dial: the walk has counted the peer as failed and goes on to the
+            // next, but its next dials should find room.
+            SwarmEvent::OutgoingConnectionError {
+                error: DialError::Denied { .. },
+                ..
+            } => {
+                self.make_room(None);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => self.on_requests(e),
             SwarmEvent::Behaviour(BehaviourEvent::Cards(e)) => self.on_cards(e),
