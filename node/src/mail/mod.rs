@@ -228,7 +228,9 @@ impl Messenger {
         if !evicted.is_empty() {
             self.store.remove_sessions(evicted).await?;
         }
-        let session_id = sealed.used_one_time_key.then(|| sealed.session.id.clone());
+        let session_id = sealed
+            .unconfirmed_one_time
+            .then(|| sealed.session.id.clone());
         self.store.save_outbound(peer, seq, sealed.session).await?;
         let message = SealedMessage {
             sender: self.me,
@@ -425,6 +427,14 @@ impl Messenger {
         bytes: &[u8],
     ) -> Result<(MessageId, Accepted), ReceiveError> {
         let opened = envelope::open::<SealedMessage>(bytes, &Checks::now())?;
+        self.accept(opened).await
+    }
+
+    /// [`Messenger::receive`] for a message whose envelope is already verified and decoded.
+    async fn accept(
+        &self,
+        opened: envelope::Opened<SealedMessage>,
+    ) -> Result<(MessageId, Accepted), ReceiveError> {
         let m = opened.value;
         if m.recipient != self.me {
             return Err(ReceiveError::NotForMe(m.recipient));
@@ -572,8 +582,29 @@ impl Messenger {
             };
             let mut ack = Vec::new();
             let mut full = false;
-            for m in &messages {
-                match self.receive(m).await {
+            // The signatures are checked as a batch, and the messages decrypted in each
+            // sender's order: the mailbox keeps arrival order, concurrent sends may arrive out
+            // of it, and a ratchet keeps only 40 skipped message keys per chain.
+            let slices: Vec<&[u8]> = messages.iter().map(|m| m.as_slice()).collect();
+            let checks = Checks::now();
+            let mut opened = Vec::with_capacity(messages.len());
+            for (m, verified) in slices.iter().zip(envelope::verify_batch(&slices)) {
+                // `verify_batch` checks each envelope's size for its kind, `decode` the kind.
+                match verified.and_then(|v| v.decode::<SealedMessage>(&checks)) {
+                    Ok(o) => opened.push(o),
+                    Err(e) => {
+                        // Forged or malformed: nothing will change that; drop it.
+                        tracing::warn!(%mailbox, "dropped a bad message: {e}");
+                        if let Ok(v) = envelope::verify(m) {
+                            ack.push(v.id());
+                        }
+                    }
+                }
+            }
+            opened.sort_by_key(|o| (o.value.sender.to_bytes(), o.value.seq));
+            for o in opened {
+                let id = o.id;
+                match self.accept(o).await {
                     Ok((id, Accepted::Stored)) => {
                         taken += 1;
                         ack.push(id);
@@ -585,11 +616,9 @@ impl Messenger {
                     }
                     Err(ReceiveError::Store(e)) => return Err(e.into()),
                     Err(e) => {
-                        // Undecryptable or forged: nothing will change that; drop it.
+                        // Undecryptable: nothing will change that; drop it.
                         tracing::warn!(%mailbox, "dropped a bad message: {e}");
-                        if let Ok(v) = envelope::verify(m) {
-                            ack.push(v.id());
-                        }
+                        ack.push(id);
                     }
                 }
             }

@@ -61,6 +61,17 @@ struct Held {
     session: Session,
     last_used: Timestamp,
     received: bool,
+    /// Opened from one of the peer's one-time keys: until the peer is heard from, its
+    /// messages may be undecryptable (another sender may take the key first), so none of
+    /// them may wait at a mailbox.
+    one_time: bool,
+}
+
+impl Held {
+    /// Whether a message sealed with this session may wait at a mailbox.
+    fn durable(&self) -> bool {
+        self.received || !self.one_time
+    }
 }
 
 /// The node's Olm account and sessions.
@@ -76,8 +87,10 @@ pub(crate) struct Sealed {
     pub(crate) cipher: CipherKind,
     pub(crate) bytes: Vec<u8>,
     pub(crate) session: SessionRow,
-    /// A new session was opened with a one-time key: on a refusal, retry with the fallback key.
-    pub(crate) used_one_time_key: bool,
+    /// Sealed with a session opened from a one-time key that the peer has not confirmed:
+    /// on a refusal, or to leave it at a mailbox, seal again with [`Crypto::encrypt`] for a
+    /// mailbox.
+    pub(crate) unconfirmed_one_time: bool,
 }
 
 /// A decrypted message and the state to persist with it.
@@ -131,6 +144,7 @@ impl Crypto {
                 session: Session::from_pickle(pickle),
                 last_used: row.last_used,
                 received: row.received,
+                one_time: row.one_time,
             });
         }
         let mut crypto = Crypto {
@@ -192,6 +206,7 @@ impl Crypto {
             pickle: h.session.pickle().encrypt(&self.pickle_key),
             last_used: h.last_used,
             received: h.received,
+            one_time: h.one_time,
         }
     }
 
@@ -207,30 +222,29 @@ impl Crypto {
         }
     }
 
-    /// Encrypts for `peer`: with the best existing session, else a new one from `bundle`
-    /// (a one-time key when `one_time` is set, else the fallback key).
+    /// Encrypts for `peer` with the best existing session, else a new one from `bundle`.
+    ///
+    /// With `direct` set (the peer is being reached now, and a refusal comes back at once) a
+    /// new session takes one of its one-time keys. Without it the message may wait at a
+    /// mailbox, so only a session that cannot be refused is used: one the peer has confirmed,
+    /// or one from its fallback key, opened now if need be.
     pub(crate) fn encrypt(
         &mut self,
         peer: PeerId,
         bundle: Option<&PrekeyBundle>,
-        one_time: bool,
+        direct: bool,
         plaintext: &[u8],
     ) -> Result<(Sealed, Vec<(PeerId, String)>), CryptoError> {
         let mut evicted = Vec::new();
-        let mut used_one_time_key = false;
-        if !self.has_session(&peer) {
+        if self.pick(&peer, direct).is_none() {
             let bundle = bundle.ok_or(CryptoError::NoPrekeys)?;
             let identity = Curve25519PublicKey::from_bytes(bundle.identity_key);
-            let key = if one_time && !bundle.one_time_keys.is_empty() {
+            let (key, one_time) = if direct && !bundle.one_time_keys.is_empty() {
                 let i = rand::random_range(0..bundle.one_time_keys.len());
-                used_one_time_key = true;
-                bundle.one_time_keys[i].key
+                (bundle.one_time_keys[i].key, true)
             } else {
-                bundle
-                    .fallback_key
-                    .as_ref()
-                    .ok_or(CryptoError::NoPrekeys)?
-                    .key
+                let fallback = bundle.fallback_key.as_ref().ok_or(CryptoError::NoPrekeys)?;
+                (fallback.key, false)
             };
             let session = self
                 .account
@@ -240,28 +254,30 @@ impl Crypto {
                     Curve25519PublicKey::from_bytes(key),
                 )
                 .map_err(|e| CryptoError::BadPrekeys(e.to_string()))?;
-            evicted = self.insert(peer, session, false);
+            evicted = self.insert(peer, session, false, one_time);
         }
-        let held = self.best_mut(&peer).ok_or(CryptoError::NoSession)?;
+        let i = self.pick(&peer, direct).ok_or(CryptoError::NoSession)?;
+        let list = self.sessions.get_mut(&peer).ok_or(CryptoError::NoSession)?;
+        let held = list.get_mut(i).ok_or(CryptoError::NoSession)?;
         let message = held
             .session
             .encrypt(plaintext)
             .map_err(|e| CryptoError::Decrypt(e.to_string()))?;
         held.last_used = Timestamp::now();
+        let unconfirmed_one_time = !held.durable();
         let (kind, bytes) = message.to_parts();
         let cipher = if kind == 0 {
             CipherKind::PreKey
         } else {
             CipherKind::Normal
         };
-        let held = self.best(&peer).ok_or(CryptoError::NoSession)?;
-        let session = self.row(peer, held);
+        let session = self.row(peer, &self.sessions[&peer][i]);
         Ok((
             Sealed {
                 cipher,
                 bytes,
                 session,
-                used_one_time_key,
+                unconfirmed_one_time,
             },
             evicted,
         ))
@@ -328,9 +344,9 @@ impl Crypto {
         let used = pre.one_time_key().to_bytes();
         self.published.keys.retain(|k| k.key != used);
         self.replenish();
-        let evicted = self.insert(peer, created.session, true);
-        let held = self.best(&peer).ok_or(CryptoError::NoSession)?;
-        let session = self.row(peer, held);
+        let evicted = self.insert(peer, created.session, true, false);
+        let i = self.pick(&peer, true).ok_or(CryptoError::NoSession)?;
+        let session = self.row(peer, &self.sessions[&peer][i]);
         Ok((
             Opened {
                 plaintext: created.plaintext,
@@ -342,7 +358,13 @@ impl Crypto {
     }
 
     /// Adds a session as the most recently used; returns sessions evicted to stay in bounds.
-    fn insert(&mut self, peer: PeerId, session: Session, received: bool) -> Vec<(PeerId, String)> {
+    fn insert(
+        &mut self,
+        peer: PeerId,
+        session: Session,
+        received: bool,
+        one_time: bool,
+    ) -> Vec<(PeerId, String)> {
         let mut evicted = Vec::new();
         if !self.sessions.contains_key(&peer) && self.sessions.len() >= MAX_SESSION_PEERS {
             let oldest = self
@@ -376,30 +398,22 @@ impl Crypto {
                     }),
             ),
             received,
+            one_time,
         });
         evicted
     }
 
-    /// The session to send with: the most recent one that has heard from the peer, else the
-    /// most recent.
-    fn best(&self, peer: &PeerId) -> Option<&Held> {
+    /// The session to send with (its index in the peer's list): the most recent one that has
+    /// heard from the peer, else the most recent; for mail that may wait at a mailbox
+    /// (`direct` unset), only sessions that cannot be refused.
+    fn pick(&self, peer: &PeerId, direct: bool) -> Option<usize> {
         let list = self.sessions.get(peer)?;
-        list.iter()
-            .filter(|h| h.received)
-            .max_by_key(|h| h.last_used)
-            .or_else(|| list.iter().max_by_key(|h| h.last_used))
-    }
-
-    fn best_mut(&mut self, peer: &PeerId) -> Option<&mut Held> {
-        let list = self.sessions.get_mut(peer)?;
-        let i = list
-            .iter()
-            .enumerate()
-            .filter(|(_, h)| h.received)
-            .max_by_key(|(_, h)| h.last_used)
-            .or_else(|| list.iter().enumerate().max_by_key(|(_, h)| h.last_used))
-            .map(|(i, _)| i)?;
-        list.get_mut(i)
+        let usable = |h: &&Held| direct || h.durable();
+        let newest = |it: &mut dyn Iterator<Item = (usize, &Held)>| {
+            it.max_by_key(|(_, h)| h.last_used).map(|(i, _)| i)
+        };
+        newest(&mut list.iter().enumerate().filter(|(_, h)| h.received))
+            .or_else(|| newest(&mut list.iter().enumerate().filter(|(_, h)| usable(h))))
     }
 }
 
@@ -479,6 +493,40 @@ mod tests {
     }
 
     #[test]
+    fn mail_for_a_mailbox_never_uses_an_unconfirmed_one_time_key_session() {
+        // Sends race: one opens a session from a one-time key for its direct attempt, and
+        // others seal with that session before the attempt fails. Their mail must not wait at
+        // a mailbox under it: another sender may take the key first, and the eviction of old
+        // sessions at the recipient may make a second pre-key message from it unreadable.
+        let (mut alice, mut bob) = (fresh(), fresh());
+        let (a, b) = (peer(), peer());
+        let bundle = bob.bundle();
+        let (direct, _) = alice
+            .encrypt(b, Some(&bundle), true, b"direct")
+            .expect("encrypt");
+        assert!(direct.unconfirmed_one_time);
+        let (again, _) = alice.encrypt(b, None, true, b"again").expect("reuse");
+        assert_eq!(again.session.id, direct.session.id, "direct sends share it");
+        assert!(again.unconfirmed_one_time);
+        let (deposit, _) = alice
+            .encrypt(b, Some(&bundle), false, b"deposit")
+            .expect("fallback");
+        assert_ne!(deposit.session.id, direct.session.id);
+        assert!(!deposit.unconfirmed_one_time && !deposit.session.one_time);
+        // Later mail, direct or not, keeps to the durable session, and needs no bundle.
+        let (later, _) = alice.encrypt(b, None, false, b"later").expect("durable");
+        assert_eq!(later.session.id, deposit.session.id);
+        // The fallback-key message opens at Bob even after another sender took every
+        // one-time key.
+        let (o, _) = bob
+            .decrypt(a, deposit.cipher, &deposit.bytes)
+            .expect("deposit");
+        assert_eq!(o.plaintext, b"deposit");
+        let (o, _) = bob.decrypt(a, later.cipher, &later.bytes).expect("later");
+        assert_eq!(o.plaintext, b"later");
+    }
+
+    #[test]
     fn a_used_one_time_key_is_replaced_and_a_second_use_is_refused() {
         let mut bob = fresh();
         let b = peer();
@@ -491,7 +539,7 @@ mod tests {
         let (s2, _) = second
             .encrypt(b, Some(&bundle), true, b"two")
             .expect("encrypt");
-        assert!(s1.used_one_time_key && s2.used_one_time_key);
+        assert!(s1.unconfirmed_one_time && s2.unconfirmed_one_time);
         let (o, _) = bob.decrypt(peer(), s1.cipher, &s1.bytes).expect("first");
         assert!(o.account.is_some(), "a used key changes the account");
         assert!(
@@ -535,13 +583,14 @@ mod tests {
         };
         // Bob's session, re-pickled under `key`, still decrypts Alice's next message.
         let row = {
-            let held = bob.best(&a).expect("session");
+            let held = &bob.sessions[&a][bob.pick(&a, true).expect("session")];
             SessionRow {
                 peer: a,
                 id: held.id.clone(),
                 pickle: held.session.pickle().encrypt(&key),
                 last_used: held.last_used,
                 received: held.received,
+                one_time: held.one_time,
             }
         };
         let mut bob2 = reopen(&bob, vec![row]);

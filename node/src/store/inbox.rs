@@ -40,6 +40,10 @@ pub struct SessionRow {
     pub last_used: Timestamp,
     /// Whether the session has decrypted a message (both sides have it).
     pub received: bool,
+    /// Whether this side opened it from one of the peer's one-time keys (rows saved before
+    /// this field existed read as `false`).
+    #[serde(default)]
+    pub one_time: bool,
 }
 
 /// A message received and decrypted, waiting for the application.
