@@ -289,3 +289,48 @@ async fn two_agents_sending_to_each_other_at_once_both_deliver_directly() {
         }
     }
 }
+
+/// Many sends at once to an offline peer share its sessions; none may leave the recipient
+/// a message it cannot open (a spent one-time key lost up to 2 % of such mail once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_sends_to_an_offline_recipient_all_arrive_once_in_order() {
+    const N: u64 = 300;
+    let relay = start(relay_config()).await;
+    let relay_addrs = relay.listen_addrs().await.expect("addrs");
+    let sender = start(agent_config(&relay_addrs)).await;
+    let recipient = start(agent_config(&relay_addrs)).await;
+    recipient.fetch_mail().await;
+    card_visible(&sender, &recipient).await;
+    let recipient_id = recipient.peer_id();
+    let recipient_dir = recipient.stop().await;
+
+    let node = sender.node.clone();
+    let sends = (0..N).map(|i| {
+        let node = node.clone();
+        async move { node.send(recipient_id, format!("m{i}").as_bytes()).await }
+    });
+    let reports = futures::future::join_all(sends).await;
+    let mut seqs = Vec::new();
+    for r in reports {
+        let r = r.expect("deposited");
+        assert!(
+            matches!(r.delivery, Delivery::Deposited(_)),
+            "recipient is offline, yet {:?}",
+            r.delivery
+        );
+        seqs.push(r.seq);
+    }
+    seqs.sort_unstable();
+    assert_eq!(seqs, (1..=N).collect::<Vec<_>>());
+    assert_eq!(held(&relay, recipient_id).await, N);
+
+    let recipient = start_in(agent_config(&relay_addrs), recipient_dir).await;
+    let mut inbox = recipient.inbox();
+    for seq in 1..=N {
+        let m = next(&mut inbox).await;
+        assert_eq!((m.from, m.seq), (sender.peer_id(), seq));
+    }
+    assert_eq!(recipient.fetch_mail().await, 0);
+    assert!(recipient.try_next_message().await.expect("inbox").is_none());
+    drained(&relay, recipient_id).await;
+}
