@@ -19,7 +19,10 @@ fn main() -> ExitCode {
             return ExitCode::from(cli::EXIT_FAILURE);
         }
     };
-    match runtime.block_on(cli::run(args)) {
+    // Boxed: the command's future holds a whole node (its swarm and event loop) and would
+    // otherwise sit, and be moved about, on the main thread's stack, whose touched pages stay
+    // resident for the daemon's life.
+    match runtime.block_on(Box::pin(cli::run(args))) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
             eprintln!("error: {}", e.message);
