@@ -363,6 +363,18 @@ async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
         ratio: String::new(),
         target: "0",
     });
+    // The call log's writer runs at a lower priority than the calls; this shows whether it
+    // kept up with them (an entry it could not take in time is dropped and counted).
+    rows.push(Row {
+        what: format!(
+            "64 calls in flight, {}, call log entries dropped",
+            net.name()
+        ),
+        skillmesh: (pair.caller.call_log_dropped() + pair.callee.call_log_dropped()).to_string(),
+        plain: String::new(),
+        ratio: String::new(),
+        target: "0",
+    });
     pair.caller.shutdown().await.ok();
     pair.callee.shutdown().await.ok();
 }

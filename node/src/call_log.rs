@@ -1,4 +1,5 @@
-//! The call log writer: records each call's outcome in the store in batches, off the call path.
+//! The call log writer: records each call's outcome in the store in batches, off the call path
+//! and below the calls' priority (its commits run on the `background` thread).
 
 use std::time::{Duration, Instant};
 
@@ -43,7 +44,7 @@ impl CallLog {
                             batch.push(e);
                         }
                         if !batch.is_empty() {
-                            let _ = store.log_calls(std::mem::take(&mut batch), false).await;
+                            let _ = store.log_calls_in_background(std::mem::take(&mut batch), false).await;
                         }
                         0
                     }
@@ -51,14 +52,15 @@ impl CallLog {
                 if n == 0 {
                     break;
                 }
-                // Let a burst gather into one transaction instead of one per call.
-                tokio::time::sleep(LINGER).await;
-                let room = BATCH.saturating_sub(batch.len());
-                if room > 0 {
-                    while let Ok(e) = rx.try_recv() {
-                        batch.push(e);
-                        if batch.len() >= BATCH {
-                            break;
+                // Let a trickle gather into one transaction instead of one per call. A full
+                // batch means the calls are ahead: no waiting then, or the writer's pace (not
+                // the disk's) would cap the log at BATCH entries per LINGER and drop the rest.
+                if batch.len() < BATCH {
+                    tokio::time::sleep(LINGER).await;
+                    while batch.len() < BATCH {
+                        match rx.try_recv() {
+                            Ok(e) => batch.push(e),
+                            Err(_) => break,
                         }
                     }
                 }
@@ -69,12 +71,12 @@ impl CallLog {
                 if durable {
                     last_sync = Instant::now();
                 }
-                if let Err(e) = store.log_calls(entries, durable).await {
+                if let Err(e) = store.log_calls_in_background(entries, durable).await {
                     tracing::warn!("call log not written: {e}");
                 }
             }
             // Every handle is gone: make what was written durable.
-            if let Err(e) = store.log_calls(Vec::new(), true).await {
+            if let Err(e) = store.log_calls_in_background(Vec::new(), true).await {
                 tracing::warn!("call log not synced: {e}");
             }
         });

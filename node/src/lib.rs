@@ -63,6 +63,7 @@
 //! - [`store`]: durable state in redb (peers, cards, skills, mailbox, call log), bounded.
 
 mod access;
+mod background;
 pub mod backing;
 mod behaviour;
 mod call_log;

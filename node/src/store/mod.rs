@@ -750,44 +750,22 @@ impl Store {
         entries: Vec<CallLogEntry>,
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.run(move |db, limits| {
-            let mut tx = db.begin_write()?;
-            if !durable {
-                let _ = tx.set_durability(redb::Durability::None);
-            }
-            {
-                let mut log = tx.open_table(CALL_LOG)?;
-                let mut index = tx.open_table(CALL_INDEX)?;
-                let mut meta = tx.open_table(META)?;
-                let mut seq = meta.get(KEY_CALL_SEQ)?.map(|v| v.value()).unwrap_or(0);
-                for entry in entries {
-                    let ikey = call_index_key(&entry.call_id, entry.direction);
-                    let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
-                    let key = match existing {
-                        Some(k) => k,
-                        None => {
-                            let mut k = seq.to_be_bytes().to_vec();
-                            seq += 1;
-                            k.extend_from_slice(&ikey);
-                            index.insert(ikey.as_slice(), k.as_slice())?;
-                            k
-                        }
-                    };
-                    log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
-                }
-                meta.insert(KEY_CALL_SEQ, seq)?;
-                while log.len()? > limits.max_call_log {
-                    let Some((k, _)) = log.pop_first()? else {
-                        break;
-                    };
-                    let k = k.value().to_vec();
-                    index.remove(&k[8..])?;
-                }
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
+        self.run(move |db, limits| write_call_log(db, limits, entries, durable))
+            .await
+    }
+
+    /// [`Store::log_calls`] on the process's low-priority thread (`background`), where the
+    /// commit never takes a core from a call.
+    pub(crate) async fn log_calls_in_background(
+        &self,
+        entries: Vec<CallLogEntry>,
+        durable: bool,
+    ) -> Result<(), StoreError> {
+        let db = self.db.clone();
+        let limits = self.limits.clone();
+        crate::background::run(move || write_call_log(&db, &limits, entries, durable))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// The newest `limit` call log entries, newest first.
@@ -803,6 +781,50 @@ impl Store {
         })
         .await
     }
+}
+
+/// Adds or updates `entries` in one transaction, dropping the oldest beyond the limit.
+fn write_call_log(
+    db: &Database,
+    limits: &StoreLimits,
+    entries: Vec<CallLogEntry>,
+    durable: bool,
+) -> Result<(), StoreError> {
+    let mut tx = db.begin_write()?;
+    if !durable {
+        let _ = tx.set_durability(redb::Durability::None);
+    }
+    {
+        let mut log = tx.open_table(CALL_LOG)?;
+        let mut index = tx.open_table(CALL_INDEX)?;
+        let mut meta = tx.open_table(META)?;
+        let mut seq = meta.get(KEY_CALL_SEQ)?.map(|v| v.value()).unwrap_or(0);
+        for entry in entries {
+            let ikey = call_index_key(&entry.call_id, entry.direction);
+            let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
+            let key = match existing {
+                Some(k) => k,
+                None => {
+                    let mut k = seq.to_be_bytes().to_vec();
+                    seq += 1;
+                    k.extend_from_slice(&ikey);
+                    index.insert(ikey.as_slice(), k.as_slice())?;
+                    k
+                }
+            };
+            log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
+        }
+        meta.insert(KEY_CALL_SEQ, seq)?;
+        while log.len()? > limits.max_call_log {
+            let Some((k, _)) = log.pop_first()? else {
+                break;
+            };
+            let k = k.value().to_vec();
+            index.remove(&k[8..])?;
+        }
+    }
+    tx.commit()?;
+    Ok(())
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
