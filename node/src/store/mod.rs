@@ -397,6 +397,20 @@ impl Store {
             .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
+    /// Runs `f` on the process's low-priority thread (`background`): for writes that must
+    /// never take a core from a call.
+    async fn run_in_background<T, F>(&self, f: F) -> Result<T, StoreError>
+    where
+        T: Send + 'static,
+        F: FnOnce(&Database, &StoreLimits) -> Result<T, StoreError> + Send + 'static,
+    {
+        let db = self.db.clone();
+        let limits = self.limits.clone();
+        crate::background::run(move || f(&db, &limits))
+            .await
+            .map_err(|e| StoreError::Task(e.to_string()))?
+    }
+
     /// The schema version on disk.
     pub async fn schema_version(&self) -> Result<u64, StoreError> {
         self.run(|db, _| {
@@ -761,11 +775,8 @@ impl Store {
         entries: Vec<CallLogEntry>,
         durable: bool,
     ) -> Result<(), StoreError> {
-        let db = self.db.clone();
-        let limits = self.limits.clone();
-        crate::background::run(move || write_call_log(&db, &limits, entries, durable))
+        self.run_in_background(move |db, limits| write_call_log(db, limits, entries, durable))
             .await
-            .map_err(|e| StoreError::Task(e.to_string()))?
     }
 
     /// The newest `limit` call log entries, newest first.
