@@ -17,6 +17,30 @@
 //! payload bytes: nothing is re-encoded to verify. The message id is `sha256(payload)`.
 //!
 //! Because the header is fixed, a receiver checks size and signature before it parses any CBOR.
+//!
+//! **Batch-signed envelopes** (version 2) let one signature cover up to [`MAX_SIGN_BATCH`]
+//! payloads, as a call pipe sends them when several calls (or results) queue up together. The
+//! signer builds a Merkle tree over the payloads and signs its root; each envelope carries the
+//! signature and its payload's path to the root:
+//!
+//! ```text
+//! offset  size  field
+//! 0       2     magic "SM"
+//! 2       1     version = 2
+//! 3       1     kind code
+//! 4       32    signer: Ed25519 public key
+//! 36      64    signature: Ed25519("skillmesh/v1/batch" 0x00 || root)
+//! 100     1     depth d, 1..=6: sibling hashes that follow
+//! 101     1     sides: bit i set = the i-th sibling is the left one
+//! 102     32*d  sibling hashes, leaf level first
+//! 102+32d n     payload, as in version 1
+//! ```
+//!
+//! `leaf = sha256(0x00 || domain_tag(kind) || payload)`, `node = sha256(0x01 || left || right)`:
+//! the prefixes keep a leaf from passing as a node, and the domain tag keeps the kinds apart as
+//! in version 1. The root is recomputed from the exact payload bytes, so the rules above hold:
+//! the envelope proves on its own that the signer signed this payload. The message id is still
+//! `sha256(payload)`. A single payload is always sealed as version 1.
 
 use std::fmt;
 use std::time::Duration;
@@ -34,8 +58,12 @@ use crate::time::Timestamp;
 
 /// First two bytes of every envelope.
 pub const MAGIC: [u8; 2] = *b"SM";
-/// The envelope version this crate writes and reads.
+/// The envelope version of one payload, one signature.
 pub const VERSION: u8 = 1;
+/// The envelope version of a payload in a signed batch (a Merkle proof before the payload).
+pub const BATCH_VERSION: u8 = 2;
+/// Signing domain of a batch root. No [`Kind`] is named `batch`, so it is apart from them all.
+const BATCH_TAG: &[u8] = b"skillmesh/v1/batch\0";
 
 /// What an envelope carries. The code is on the wire; the name is in the signing domain tag.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
@@ -119,9 +147,9 @@ impl Kind {
         }
     }
 
-    /// The largest envelope of this kind, header included.
+    /// The largest envelope of this kind, header and batch proof included.
     pub fn max_envelope(self) -> usize {
-        ENVELOPE_HEADER_BYTES + self.max_payload()
+        ENVELOPE_HEADER_BYTES + MAX_PROOF_BYTES + self.max_payload()
     }
 
     fn domain_tag(self) -> Vec<u8> {
@@ -197,6 +225,10 @@ impl SigningKey {
     fn sign(&self, kind: Kind, payload: &[u8]) -> [u8; 64] {
         self.key.sign(&signing_input(kind, payload)).to_bytes()
     }
+
+    fn sign_root(&self, root: &[u8; 32]) -> [u8; 64] {
+        self.key.sign(&batch_input(root)).to_bytes()
+    }
 }
 
 impl fmt::Debug for SigningKey {
@@ -217,6 +249,29 @@ fn signing_input(kind: Kind, payload: &[u8]) -> Vec<u8> {
     input.reserve_exact(payload.len());
     input.extend_from_slice(payload);
     input
+}
+
+fn batch_input(root: &[u8; 32]) -> Vec<u8> {
+    [BATCH_TAG, root.as_slice()].concat()
+}
+
+/// A batch tree's leaf: the payload under its kind's domain tag.
+fn leaf_hash(kind: Kind, payload: &[u8]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update([0u8])
+        .chain_update(kind.domain_tag())
+        .chain_update(payload)
+        .finalize()
+        .into()
+}
+
+fn node_hash(left: &[u8; 32], right: &[u8; 32]) -> [u8; 32] {
+    Sha256::new()
+        .chain_update([1u8])
+        .chain_update(left)
+        .chain_update(right)
+        .finalize()
+        .into()
 }
 
 /// A type that travels inside a signed envelope.
@@ -280,6 +335,46 @@ impl Checks {
 
 /// Encodes, validates and signs `value`, returning the envelope's wire bytes.
 pub fn seal<T: Payload>(key: &SigningKey, value: &T) -> Result<Vec<u8>, EnvelopeError> {
+    Ok(prepare(key, value)?.sign(key))
+}
+
+/// A payload encoded and checked by [`prepare`], to be signed alone ([`Unsigned::sign`]) or
+/// with others under one signature ([`sign_batch`]).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Unsigned {
+    kind: Kind,
+    payload: Vec<u8>,
+}
+
+impl Unsigned {
+    /// The kind it will be sealed as.
+    pub fn kind(&self) -> Kind {
+        self.kind
+    }
+
+    /// The payload bytes that will be signed.
+    pub fn payload(&self) -> &[u8] {
+        &self.payload
+    }
+
+    /// Signs it alone: the envelope [`seal`] makes. `key` must be the key that prepared it,
+    /// or receivers refuse the envelope (its author is another).
+    pub fn sign(&self, key: &SigningKey) -> Vec<u8> {
+        let sig = key.sign(self.kind, &self.payload);
+        let mut out = Vec::with_capacity(ENVELOPE_HEADER_BYTES + self.payload.len());
+        out.extend_from_slice(&MAGIC);
+        out.push(VERSION);
+        out.push(self.kind.code());
+        out.extend_from_slice(&key.public_key());
+        out.extend_from_slice(&sig);
+        out.extend_from_slice(&self.payload);
+        out
+    }
+}
+
+/// The checks of [`seal`] without the signature: `value` is valid, `key` is its author, and
+/// it fits its kind's limit.
+pub fn prepare<T: Payload>(key: &SigningKey, value: &T) -> Result<Unsigned, EnvelopeError> {
     value.validate()?;
     if value.author() != key.peer_id() {
         return Err(EnvelopeError::SignerMismatch {
@@ -295,15 +390,79 @@ pub fn seal<T: Payload>(key: &SigningKey, value: &T) -> Result<Vec<u8>, Envelope
             max: T::KIND.max_envelope(),
         });
     }
-    let sig = key.sign(T::KIND, &payload);
-    let mut out = Vec::with_capacity(ENVELOPE_HEADER_BYTES + payload.len());
-    out.extend_from_slice(&MAGIC);
-    out.push(VERSION);
-    out.push(T::KIND.code());
-    out.extend_from_slice(&key.public_key());
-    out.extend_from_slice(&sig);
-    out.extend_from_slice(&payload);
-    Ok(out)
+    Ok(Unsigned {
+        kind: T::KIND,
+        payload,
+    })
+}
+
+/// Signs `items` with one signature per [`MAX_SIGN_BATCH`] of them: the envelopes, in input
+/// order. A batch of one is a plain (version 1) envelope; larger ones are version 2, each
+/// envelope with its payload's Merkle path (module docs). A signature costs far more than the
+/// hashes of a path (the `sign` rows of `cargo bench --bench calls`), so a pipe that signs what
+/// queued together pays for one signature per write instead of one per call. `key` must be the key that
+/// prepared them.
+pub fn sign_batch(key: &SigningKey, items: &[&Unsigned]) -> Vec<Vec<u8>> {
+    let mut out = Vec::with_capacity(items.len());
+    for chunk in items.chunks(MAX_SIGN_BATCH) {
+        if let [one] = chunk {
+            out.push(one.sign(key));
+            continue;
+        }
+        let leaves: Vec<[u8; 32]> = chunk
+            .iter()
+            .map(|u| leaf_hash(u.kind, &u.payload))
+            .collect();
+        let (root, proofs) = merkle(&leaves);
+        let sig = key.sign_root(&root);
+        let public = key.public_key();
+        for (u, proof) in chunk.iter().zip(proofs) {
+            let mut e =
+                Vec::with_capacity(ENVELOPE_HEADER_BYTES + 2 + 32 * proof.len() + u.payload.len());
+            e.extend_from_slice(&MAGIC);
+            e.push(BATCH_VERSION);
+            e.push(u.kind.code());
+            e.extend_from_slice(&public);
+            e.extend_from_slice(&sig);
+            // At most 6 levels for 64 leaves: both fit a byte.
+            e.push(proof.len() as u8);
+            e.push(
+                proof
+                    .iter()
+                    .enumerate()
+                    .filter(|(_, (_, left))| *left)
+                    .fold(0u8, |sides, (i, _)| sides | (1 << i)),
+            );
+            for (sibling, _) in &proof {
+                e.extend_from_slice(sibling);
+            }
+            e.extend_from_slice(&u.payload);
+            out.push(e);
+        }
+    }
+    out
+}
+
+/// The root of a Merkle tree over `leaves` (2..=64 of them) and each leaf's path to it: the
+/// siblings, leaf level first, each with whether it is the left one. Pairs are hashed level by
+/// level; an odd last node rises to the next level as it is.
+fn merkle(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<([u8; 32], bool)>>) {
+    let mut proofs: Vec<Vec<([u8; 32], bool)>> = vec![Vec::new(); leaves.len()];
+    let mut level = leaves.to_vec();
+    let mut at: Vec<usize> = (0..leaves.len()).collect();
+    while level.len() > 1 {
+        for (proof, i) in proofs.iter_mut().zip(&mut at) {
+            if let Some(sibling) = level.get(*i ^ 1) {
+                proof.push((*sibling, *i % 2 == 1));
+            }
+            *i /= 2;
+        }
+        level = level
+            .chunks(2)
+            .map(|pair| pair.get(1).map_or(pair[0], |r| node_hash(&pair[0], r)))
+            .collect();
+    }
+    (level[0], proofs)
 }
 
 /// An envelope whose size, header and signature have been checked; its payload is not decoded.
@@ -385,9 +544,9 @@ impl<'a> Verified<'a> {
 pub fn verify(bytes: &[u8]) -> Result<Verified<'_>, EnvelopeError> {
     let h = header(bytes)?;
     // verify_strict rejects small-order keys and non-canonical signatures, so one payload has
-    // exactly one valid signature per key (no malleability).
+    // exactly one valid signature per key and batch root (no malleability).
     h.key
-        .verify_strict(&signing_input(h.kind, h.payload), &h.signature)
+        .verify_strict(&h.message(), &h.signature)
         .map_err(|_| EnvelopeError::BadSignature)?;
     Ok(h.verified)
 }
@@ -400,8 +559,9 @@ pub const MAX_BATCH: usize = 64;
 /// [`verify`] for many envelopes at once: each gets the same size and header checks, and the
 /// signatures of those that pass are checked together, as one multiscalar multiplication, at
 /// a fraction of the cost per signature (the `verify` rows of `cargo bench --bench calls`).
-/// If a batch fails, its envelopes are checked one by one, so every envelope gets its own
-/// verdict, the same as [`verify`] would give it. Results are in input order.
+/// Envelopes of one signed batch (version 2, same signer, signature and root) share one
+/// check. If a batch fails, its signatures are checked one by one, so every envelope gets its
+/// own verdict, the same as [`verify`] would give it. Results are in input order.
 ///
 /// The batch equation is ed25519-dalek's (with weights derived from every input, and
 /// canonical `s` required); when one key signed them all, as on a call pipe, that key's terms
@@ -414,28 +574,48 @@ pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, Enve
     for chunk in envelopes.chunks(MAX_BATCH) {
         let headers: Vec<Result<Header<'a>, EnvelopeError>> =
             chunk.iter().map(|b| header(b)).collect();
-        let ok: Vec<&Header<'a>> = headers.iter().filter_map(|h| h.as_ref().ok()).collect();
-        let together = ok.len() > 1 && {
-            let inputs: Vec<Vec<u8>> = ok
-                .iter()
-                .map(|h| signing_input(h.kind, h.payload))
-                .collect();
+        // The distinct signatures to check, and which one each envelope needs. The key is part
+        // of what makes two the same: a batch signature copied under another key is not its.
+        let mut distinct: Vec<&Header<'a>> = Vec::new();
+        let mut seen: std::collections::HashMap<([u8; 32], [u8; 64], [u8; 32]), usize> =
+            std::collections::HashMap::new();
+        let needs: Vec<Option<usize>> = headers
+            .iter()
+            .map(|h| {
+                let h = h.as_ref().ok()?;
+                let mut add = || {
+                    distinct.push(h);
+                    distinct.len() - 1
+                };
+                Some(match h.root {
+                    Some(root) => *seen
+                        .entry((h.key.to_bytes(), h.signature.to_bytes(), root))
+                        .or_insert_with(add),
+                    None => add(),
+                })
+            })
+            .collect();
+        let together = distinct.len() > 1 && {
+            let inputs: Vec<Vec<u8>> = distinct.iter().map(|h| h.message()).collect();
             let messages: Vec<&[u8]> = inputs.iter().map(Vec::as_slice).collect();
             let signatures: Vec<ed25519_dalek::Signature> =
-                ok.iter().map(|h| h.signature).collect();
-            if ok.iter().all(|h| h.key == ok[0].key) {
-                verify_one_signer(&ok[0].key, &messages, &signatures)
+                distinct.iter().map(|h| h.signature).collect();
+            if distinct.iter().all(|h| h.key == distinct[0].key) {
+                verify_one_signer(&distinct[0].key, &messages, &signatures)
             } else {
-                let keys: Vec<ed25519_dalek::VerifyingKey> = ok.iter().map(|h| h.key).collect();
+                let keys: Vec<ed25519_dalek::VerifyingKey> =
+                    distinct.iter().map(|h| h.key).collect();
                 ed25519_dalek::verify_batch(&messages, &signatures, &keys).is_ok()
             }
         };
-        out.extend(headers.into_iter().map(|h| {
+        let good: Vec<bool> = distinct
+            .iter()
+            .map(|h| together || h.key.verify_strict(&h.message(), &h.signature).is_ok())
+            .collect();
+        out.extend(headers.into_iter().zip(needs).map(|(h, need)| {
             let h = h?;
-            if !together {
-                h.key
-                    .verify_strict(&signing_input(h.kind, h.payload), &h.signature)
-                    .map_err(|_| EnvelopeError::BadSignature)?;
+            if need.is_some_and(|i| !good[i]) {
+                return Err(EnvelopeError::BadSignature);
             }
             Ok(h.verified)
         }));
@@ -517,11 +697,70 @@ struct Header<'a> {
     key: ed25519_dalek::VerifyingKey,
     signature: ed25519_dalek::Signature,
     payload: &'a [u8],
+    /// The batch root the signature covers (version 2), recomputed from the payload.
+    root: Option<[u8; 32]>,
     verified: Verified<'a>,
+}
+
+impl Header<'_> {
+    /// What the signature signs.
+    fn message(&self) -> Vec<u8> {
+        match &self.root {
+            Some(root) => batch_input(root),
+            None => signing_input(self.kind, self.payload),
+        }
+    }
 }
 
 /// Every check of [`verify`] but the signature's.
 fn header(bytes: &[u8]) -> Result<Header<'_>, EnvelopeError> {
+    let parts = parts(bytes)?;
+    let mut signer = [0u8; 32];
+    signer.copy_from_slice(&bytes[4..36]);
+    let mut sig = [0u8; 64];
+    sig.copy_from_slice(&bytes[36..100]);
+    let (key, signer) = signer_key(&signer)?;
+    let root = parts.proof.map(|proof| {
+        let mut at = leaf_hash(parts.kind, parts.payload);
+        for (i, sibling) in proof.siblings.chunks_exact(32).enumerate() {
+            let mut s = [0u8; 32];
+            s.copy_from_slice(sibling);
+            at = if proof.sides & (1 << i) != 0 {
+                node_hash(&s, &at)
+            } else {
+                node_hash(&at, &s)
+            };
+        }
+        at
+    });
+    Ok(Header {
+        kind: parts.kind,
+        key,
+        signature: ed25519_dalek::Signature::from_bytes(&sig),
+        payload: parts.payload,
+        root,
+        verified: Verified {
+            kind: parts.kind,
+            signer,
+            payload: parts.payload,
+        },
+    })
+}
+
+/// An envelope split by its layout, sizes checked, nothing verified.
+struct Parts<'a> {
+    kind: Kind,
+    proof: Option<Proof<'a>>,
+    payload: &'a [u8],
+}
+
+/// A version 2 envelope's path to its batch root.
+struct Proof<'a> {
+    sides: u8,
+    siblings: &'a [u8],
+}
+
+fn parts(bytes: &[u8]) -> Result<Parts<'_>, EnvelopeError> {
     if bytes.len() > MAX_ENVELOPE_BYTES {
         return Err(EnvelopeError::Oversize {
             kind: None,
@@ -535,14 +774,41 @@ fn header(bytes: &[u8]) -> Result<Header<'_>, EnvelopeError> {
             min: ENVELOPE_HEADER_BYTES,
         });
     }
-    let (header, payload) = bytes.split_at(ENVELOPE_HEADER_BYTES);
+    let (header, rest) = bytes.split_at(ENVELOPE_HEADER_BYTES);
     if header[0..2] != MAGIC {
         return Err(EnvelopeError::BadMagic);
     }
-    if header[2] != VERSION {
+    if header[2] != VERSION && header[2] != BATCH_VERSION {
         return Err(EnvelopeError::UnsupportedVersion(header[2]));
     }
     let kind = Kind::from_code(header[3]).ok_or(EnvelopeError::UnknownKind(header[3]))?;
+    let (proof, payload) = if header[2] == BATCH_VERSION {
+        let [depth, sides, ..] = *rest else {
+            return Err(EnvelopeError::Truncated {
+                len: bytes.len(),
+                min: ENVELOPE_HEADER_BYTES + 2,
+            });
+        };
+        let depth = usize::from(depth);
+        if depth == 0 || depth > MAX_PROOF_DEPTH {
+            return Err(EnvelopeError::BadProof("depth not in 1..=6"));
+        }
+        // One encoding per path: no side bits past its depth.
+        if u16::from(sides) >> depth != 0 {
+            return Err(EnvelopeError::BadProof("side bits past the proof's depth"));
+        }
+        let end = 2 + 32 * depth;
+        if rest.len() < end {
+            return Err(EnvelopeError::Truncated {
+                len: bytes.len(),
+                min: ENVELOPE_HEADER_BYTES + end,
+            });
+        }
+        let siblings = &rest[2..end];
+        (Some(Proof { sides, siblings }), &rest[end..])
+    } else {
+        (None, rest)
+    };
     if payload.len() > kind.max_payload() {
         return Err(EnvelopeError::Oversize {
             kind: Some(kind),
@@ -550,22 +816,17 @@ fn header(bytes: &[u8]) -> Result<Header<'_>, EnvelopeError> {
             max: kind.max_envelope(),
         });
     }
-    let mut signer = [0u8; 32];
-    signer.copy_from_slice(&header[4..36]);
-    let mut sig = [0u8; 64];
-    sig.copy_from_slice(&header[36..100]);
-    let (key, signer) = signer_key(&signer)?;
-    Ok(Header {
+    Ok(Parts {
         kind,
-        key,
-        signature: ed25519_dalek::Signature::from_bytes(&sig),
+        proof,
         payload,
-        verified: Verified {
-            kind,
-            signer,
-            payload,
-        },
     })
+}
+
+/// The kind and payload of an envelope by its layout alone, its signature unchecked: for
+/// naming what a refused envelope was about, never for trusting it.
+pub fn peek_payload(bytes: &[u8]) -> Option<(Kind, &[u8])> {
+    parts(bytes).ok().map(|p| (p.kind, p.payload))
 }
 
 /// Signer keys already decompressed, per thread. Decompressing a point (a field square root)

@@ -91,6 +91,9 @@ pub enum EnvelopeError {
     /// An unknown kind code.
     #[error("unknown envelope kind {0}")]
     UnknownKind(u8),
+    /// A batch-signed envelope (version 2) whose inclusion proof is malformed.
+    #[error("malformed batch proof: {0}")]
+    BadProof(&'static str),
     /// A valid envelope of another kind than the one expected here.
     #[error("expected a {expected} envelope, got {found}")]
     WrongKind {

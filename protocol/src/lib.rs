@@ -63,7 +63,7 @@ pub use call::{
 pub use card::{AgentCard, OneTimeKey, PrekeyBundle};
 pub use codec::{from_cbor, to_cbor};
 pub use envelope::{
-    Checks, Kind, MessageId, NotEd25519, Opened, Payload, SigningKey, Validity, Verified,
+    Checks, Kind, MessageId, NotEd25519, Opened, Payload, SigningKey, Unsigned, Validity, Verified,
 };
 pub use error::{DecodeError, EnvelopeError, ValidationError};
 pub use event::Event;

@@ -9,8 +9,17 @@ use std::time::Duration;
 /// signature (64).
 pub const ENVELOPE_HEADER_BYTES: usize = 2 + 1 + 1 + 32 + 64;
 
-/// The largest envelope of any kind, header included. Per-kind limits are lower.
-pub const MAX_ENVELOPE_BYTES: usize = ENVELOPE_HEADER_BYTES + MAX_CALL_RESULT_PAYLOAD_BYTES;
+/// Envelopes one batch signature covers at most (a version 2 envelope's proof has at most
+/// [`MAX_PROOF_DEPTH`] sibling hashes).
+pub const MAX_SIGN_BATCH: usize = 64;
+/// Sibling hashes in a batch proof at most: `log2(MAX_SIGN_BATCH)`.
+pub const MAX_PROOF_DEPTH: usize = 6;
+/// A batch proof at most: depth (1), sides (1), then 32 bytes per sibling.
+pub const MAX_PROOF_BYTES: usize = 2 + 32 * MAX_PROOF_DEPTH;
+
+/// The largest envelope of any kind, header and batch proof included. Per-kind limits are lower.
+pub const MAX_ENVELOPE_BYTES: usize =
+    ENVELOPE_HEADER_BYTES + MAX_PROOF_BYTES + MAX_CALL_RESULT_PAYLOAD_BYTES;
 
 /// Room for the fields around a variable-size blob (ids, peer ids, timestamps, codes).
 const FIELD_OVERHEAD_BYTES: usize = 4 * 1024;
@@ -21,7 +30,10 @@ pub const MAX_CARD_PAYLOAD_BYTES: usize = 8 * 1024;
 pub const MAX_CALL_ARGS_BYTES: usize = 512 * 1024;
 /// A `Call` payload.
 pub const MAX_CALL_PAYLOAD_BYTES: usize =
-    MAX_CALL_ARGS_BYTES + MAX_GRANT_PAYLOAD_BYTES + ENVELOPE_HEADER_BYTES + FIELD_OVERHEAD_BYTES;
+    MAX_CALL_ARGS_BYTES + MAX_GRANT_ENVELOPE_BYTES + FIELD_OVERHEAD_BYTES;
+/// A `grant` envelope, as a call carries it.
+const MAX_GRANT_ENVELOPE_BYTES: usize =
+    ENVELOPE_HEADER_BYTES + MAX_PROOF_BYTES + MAX_GRANT_PAYLOAD_BYTES;
 /// A call's output (CBOR).
 pub const MAX_OUTPUT_BYTES: usize = 1024 * 1024;
 /// A `CallResult` payload.

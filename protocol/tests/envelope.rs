@@ -518,3 +518,170 @@ fn small_order_signer_cannot_pass_a_batch() {
         Err(EnvelopeError::InvalidSignerKey)
     ));
 }
+
+fn prepared(k: &SigningKey, n: usize) -> Vec<envelope::Unsigned> {
+    (0..n)
+        .map(|i| envelope::prepare(k, &call(k, to_cbor(&i))).expect("prepare"))
+        .collect()
+}
+
+/// The depth byte of a batch-signed envelope, and where its payload starts.
+fn proof_depth(e: &[u8]) -> usize {
+    usize::from(e[ENVELOPE_HEADER_BYTES])
+}
+
+#[test]
+fn batch_signed_envelopes_open_alone_and_together() {
+    let k = key();
+    for n in [1, 2, 3, 5, 17, 64, 65, 130] {
+        let items = prepared(&k, n);
+        let refs: Vec<&envelope::Unsigned> = items.iter().collect();
+        let sealed = envelope::sign_batch(&k, &refs);
+        assert_eq!(sealed.len(), n);
+        for (i, (e, u)) in sealed.iter().zip(&items).enumerate() {
+            // A batch of one (also the 65th of 65) is a plain envelope; the rest carry paths.
+            let alone = n == 1 || (n % 64 == 1 && i == n - 1);
+            assert_eq!(e[2], if alone { 1 } else { 2 }, "n {n} envelope {i}");
+            let opened: Opened<Call> = envelope::open(e, &Checks::at(T0)).expect("open");
+            assert_eq!(opened.signer, k.peer_id());
+            assert_eq!(opened.id, MessageId::of(u.payload()));
+            assert_eq!(envelope::verify(e).expect("verify").payload(), u.payload());
+            assert_eq!(
+                envelope::peek_payload(e),
+                Some((Kind::Call, u.payload())),
+                "n {n} envelope {i}"
+            );
+        }
+        let all: Vec<&[u8]> = sealed.iter().map(Vec::as_slice).collect();
+        assert!(
+            envelope::verify_batch(&all).iter().all(Result::is_ok),
+            "n {n}"
+        );
+        // A batch of 64 signs once: every envelope carries the same signature.
+        if n >= 64 {
+            assert!(
+                sealed[..64]
+                    .iter()
+                    .all(|e| e[36..100] == sealed[0][36..100])
+            );
+            assert!(sealed[..64].iter().all(|e| proof_depth(e) == 6));
+        }
+    }
+    // The single-envelope path and a batch of one agree byte for byte.
+    let one = prepared(&k, 1);
+    assert_eq!(envelope::sign_batch(&k, &[&one[0]])[0], one[0].sign(&k));
+}
+
+#[test]
+fn tampered_batch_envelopes_are_refused() {
+    let k = key();
+    let items = prepared(&k, 5);
+    let refs: Vec<&envelope::Unsigned> = items.iter().collect();
+    let sealed = envelope::sign_batch(&k, &refs);
+    let e = &sealed[2];
+    let depth = proof_depth(e);
+    assert_eq!(depth, 3);
+    let payload_at = ENVELOPE_HEADER_BYTES + 2 + 32 * depth;
+    let bad_signature = |bytes: &[u8]| {
+        assert!(matches!(
+            envelope::verify(bytes),
+            Err(EnvelopeError::BadSignature)
+        ));
+    };
+    let mut t = e.clone();
+    t[payload_at + 3] ^= 1;
+    bad_signature(&t);
+    let mut t = e.clone();
+    t[ENVELOPE_HEADER_BYTES + 2 + 40] ^= 1;
+    bad_signature(&t);
+    let mut t = e.clone();
+    t[ENVELOPE_HEADER_BYTES + 1] ^= 1;
+    bad_signature(&t);
+    let mut t = e.clone();
+    t[40] ^= 1;
+    bad_signature(&t);
+    // Another envelope's path with this payload.
+    let mut t = sealed[3][..payload_at].to_vec();
+    t.extend_from_slice(&e[payload_at..]);
+    bad_signature(&t);
+    // Layout damage is refused before any signature work, each with its own reason.
+    let mut t = e.clone();
+    t[ENVELOPE_HEADER_BYTES] = 0;
+    assert!(matches!(
+        envelope::verify(&t),
+        Err(EnvelopeError::BadProof(_))
+    ));
+    let mut t = e.clone();
+    t[ENVELOPE_HEADER_BYTES] = 7;
+    assert!(matches!(
+        envelope::verify(&t),
+        Err(EnvelopeError::BadProof(_))
+    ));
+    let mut t = e.clone();
+    t[ENVELOPE_HEADER_BYTES + 1] |= 0x80;
+    assert!(matches!(
+        envelope::verify(&t),
+        Err(EnvelopeError::BadProof(_))
+    ));
+    let t = &e[..ENVELOPE_HEADER_BYTES + 2 + 32 * depth - 1];
+    assert!(matches!(
+        envelope::verify(t),
+        Err(EnvelopeError::Truncated { .. })
+    ));
+    let t = &e[..ENVELOPE_HEADER_BYTES + 1];
+    assert!(matches!(
+        envelope::verify(t),
+        Err(EnvelopeError::Truncated { .. })
+    ));
+    assert!(envelope::peek_payload(t).is_none());
+    // The same proof under another kind's code: the leaf's domain tag differs.
+    let mut t = e.clone();
+    t[3] = Kind::CallResult.code();
+    bad_signature(&t);
+}
+
+#[test]
+fn a_batch_signature_is_bound_to_its_key() {
+    let k = key();
+    let thief = key();
+    let items = prepared(&k, 4);
+    let refs: Vec<&envelope::Unsigned> = items.iter().collect();
+    let sealed = envelope::sign_batch(&k, &refs);
+    // The thief's own batch, then k's signature and paths copied under the thief's key.
+    let mine = prepared(&thief, 4);
+    let mine: Vec<&envelope::Unsigned> = mine.iter().collect();
+    let mut mixed = envelope::sign_batch(&thief, &mine);
+    let mut stolen = sealed[1].clone();
+    stolen[4..36].copy_from_slice(&thief.public_key());
+    mixed.push(stolen.clone());
+    let refs: Vec<&[u8]> = mixed.iter().map(Vec::as_slice).collect();
+    let verdicts = envelope::verify_batch(&refs);
+    assert!(verdicts[..4].iter().all(Result::is_ok));
+    assert!(matches!(verdicts[4], Err(EnvelopeError::BadSignature)));
+    assert!(matches!(
+        envelope::verify(&stolen),
+        Err(EnvelopeError::BadSignature)
+    ));
+}
+
+#[test]
+fn batch_verdicts_match_one_by_one_for_batch_envelopes() {
+    let k = key();
+    let other = key();
+    let items = prepared(&k, 9);
+    let refs: Vec<&envelope::Unsigned> = items.iter().collect();
+    let mut sealed = envelope::sign_batch(&k, &refs);
+    let theirs = prepared(&other, 3);
+    let theirs: Vec<&envelope::Unsigned> = theirs.iter().collect();
+    sealed.extend(envelope::sign_batch(&other, &theirs));
+    sealed.push(envelope::seal(&k, &call(&k, vec![1])).expect("seal"));
+    // One batch envelope's payload flipped: its siblings share the signature and must still pass.
+    let at = ENVELOPE_HEADER_BYTES + 2 + 32 * proof_depth(&sealed[4]) + 2;
+    sealed[4][at] ^= 1;
+    let r: Vec<&[u8]> = sealed.iter().map(Vec::as_slice).collect();
+    let batch = envelope::verify_batch(&r);
+    for (i, got) in batch.iter().enumerate() {
+        assert_eq!(got.is_ok(), envelope::verify(r[i]).is_ok(), "envelope {i}");
+        assert_eq!(got.is_ok(), i != 4, "envelope {i}");
+    }
+}
