@@ -443,11 +443,14 @@ pub fn sign_batch(key: &SigningKey, items: &[&Unsigned]) -> Vec<Vec<u8>> {
     out
 }
 
+/// A leaf's siblings on the way to the root, each with whether it is the left one.
+type Path = Vec<([u8; 32], bool)>;
+
 /// The root of a Merkle tree over `leaves` (2..=64 of them) and each leaf's path to it: the
 /// siblings, leaf level first, each with whether it is the left one. Pairs are hashed level by
 /// level; an odd last node rises to the next level as it is.
-fn merkle(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Vec<([u8; 32], bool)>>) {
-    let mut proofs: Vec<Vec<([u8; 32], bool)>> = vec![Vec::new(); leaves.len()];
+fn merkle(leaves: &[[u8; 32]]) -> ([u8; 32], Vec<Path>) {
+    let mut proofs: Vec<Path> = vec![Vec::new(); leaves.len()];
     let mut level = leaves.to_vec();
     let mut at: Vec<usize> = (0..leaves.len()).collect();
     while level.len() > 1 {
@@ -577,8 +580,9 @@ pub fn verify_batch<'a>(envelopes: &[&'a [u8]]) -> Vec<Result<Verified<'a>, Enve
         // The distinct signatures to check, and which one each envelope needs. The key is part
         // of what makes two the same: a batch signature copied under another key is not its.
         let mut distinct: Vec<&Header<'a>> = Vec::new();
-        let mut seen: std::collections::HashMap<([u8; 32], [u8; 64], [u8; 32]), usize> =
-            std::collections::HashMap::new();
+        // (key, signature, root) of each batch signature seen: its index in `distinct`.
+        type Signed = ([u8; 32], [u8; 64], [u8; 32]);
+        let mut seen: std::collections::HashMap<Signed, usize> = std::collections::HashMap::new();
         let needs: Vec<Option<usize>> = headers
             .iter()
             .map(|h| {
