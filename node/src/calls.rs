@@ -15,7 +15,7 @@ use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::{
     Call, CallError, CallId, CallResult, CallStatus, EnvelopeError, ErrorCode, Grant, Kind,
     MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, ShareMode, SigningKey, SkillName, Timestamp, Timings,
-    from_cbor, to_cbor,
+    Unsigned, from_cbor, to_cbor,
 };
 use tokio::sync::Semaphore;
 
@@ -72,10 +72,18 @@ impl Inbound {
         }
     }
 
-    /// Checks and runs one call from `peer`; returns the signed result envelope.
+    /// Checks and runs one call from `peer`; returns the result envelope, signed alone.
     pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
         let call = envelope::open::<Call>(&request, &self.checks(peer)).map(|o| o.value);
-        self.handle_opened(peer, &request, call).await
+        self.handle_opened(peer, &request, call)
+            .await
+            .map(|r| r.sign(&self.signing))
+            .unwrap_or_default()
+    }
+
+    /// The key our results are signed with.
+    pub(crate) fn signing(&self) -> &SigningKey {
+        &self.signing
     }
 
     /// Opens calls that arrived from `peer` together: their signatures are checked as one
@@ -100,13 +108,15 @@ impl Inbound {
         }
     }
 
-    /// [`Inbound::handle`] for a call already opened (or refused) by [`Inbound::open`].
+    /// [`Inbound::handle`] for a call already opened (or refused) by [`Inbound::open`]: the
+    /// result, checked and encoded, for its pipe's writer to sign with the others that finish
+    /// beside it. `None` only if even an "output too large" result could not be encoded.
     pub(crate) async fn handle_opened(
         &self,
         peer: PeerId,
         request: &[u8],
         call: Result<Call, EnvelopeError>,
-    ) -> Vec<u8> {
+    ) -> Option<Unsigned> {
         let received = Instant::now();
         let started_at = Timestamp::now();
         let (call_id, skill_name) = peek(request);
@@ -145,8 +155,8 @@ impl Inbound {
                 run_ms,
             },
         };
-        match envelope::seal(&self.signing, &result) {
-            Ok(bytes) => bytes,
+        match envelope::prepare(&self.signing, &result) {
+            Ok(unsigned) => Some(unsigned),
             Err(e) => {
                 // Only an oversize output can get here; answer with that instead.
                 tracing::warn!(%peer, "cannot seal call result: {e}");
@@ -156,7 +166,7 @@ impl Inbound {
                     error: Some(CallError::new(ErrorCode::OutputTooLarge, e.to_string())),
                     ..result
                 };
-                envelope::seal(&self.signing, &failed).unwrap_or_default()
+                envelope::prepare(&self.signing, &failed).ok()
             }
         }
     }
@@ -366,10 +376,9 @@ pub(crate) fn peek(request: &[u8]) -> (CallId, Option<SkillName>) {
         call_id: CallId,
         skill: Option<SkillName>,
     }
-    request
-        .get(skillmesh_protocol::ENVELOPE_HEADER_BYTES..)
-        .filter(|_| request.get(3) == Some(&Kind::Call.code()))
-        .and_then(|payload| from_cbor::<Peek>(payload, Kind::Call.max_payload()).ok())
+    envelope::peek_payload(request)
+        .filter(|(kind, _)| *kind == Kind::Call)
+        .and_then(|(_, payload)| from_cbor::<Peek>(payload, Kind::Call.max_payload()).ok())
         .map(|p| (p.call_id, p.skill))
         .unwrap_or((CallId([0; 16]), None))
 }

@@ -31,7 +31,7 @@ use crate::identity::Identity;
 use crate::mail::service::MailService;
 use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
-use crate::pipe::{self, Activity, Pipes, ServeLimits};
+use crate::pipe::{self, Activity, Pipes, Request, ServeLimits};
 use crate::skills::{Registered, Registry, SkillHandler};
 use crate::store::{CallLogEntry, Direction, STORE_FILE, Store};
 
@@ -145,7 +145,12 @@ impl NodeBuilder {
             ),
             span.clone(),
         ));
-        let pipes = Pipes::new(control, activity.clone(), tx.downgrade());
+        let pipes = Pipes::new(
+            control,
+            signing.clone(),
+            activity.clone(),
+            tx.downgrade(),
+        );
         let secret = identity
             .keypair()
             .clone()
@@ -545,7 +550,8 @@ impl Node {
             mode: Mode::Sync,
             grant: options.grant.map(ByteBuf::from),
         };
-        let request = envelope::seal(&self.inner.signing, &call)?;
+        // Signed by the pipe's writer, with the calls that queue beside it.
+        let request = Request::Unsigned(envelope::prepare(&self.inner.signing, &call)?);
         let started = std::time::Instant::now();
         let result = self.send_call(peer, request, call.call_id, timeout).await;
         let error = match &result {
@@ -602,20 +608,22 @@ impl Node {
         // Read the id as the callee will, signature unchecked: the answer to a call refused for
         // its signature still names it.
         let (call_id, _) = peek(&envelope);
-        self.send_call(peer, envelope, call_id, self.inner.config.calls.timeout)
+        let request = Request::Signed(envelope);
+        self.send_call(peer, request, call_id, self.inner.config.calls.timeout)
             .await
     }
 
     async fn send_call(
         &self,
         peer: PeerId,
-        request: Vec<u8>,
+        request: Request,
         call_id: CallId,
         timeout: Duration,
     ) -> Result<CallResult> {
         // A call to ourselves (a skill found by discovery may be our own) cannot be dialled; it
         // goes through the same signed pipeline and checks, without the network.
         let response = if peer == self.inner.peer_id {
+            let request = request.signed(&self.inner.signing);
             let bytes = tokio::time::timeout(timeout, self.inner.inbound.handle(peer, request))
                 .await
                 .map_err(|_| Error::Timeout(timeout))?;
