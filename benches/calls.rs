@@ -585,31 +585,58 @@ async fn startup(n: usize, rows: &mut Vec<Row>) {
     boot_node.shutdown().await.ok();
 }
 
-/// Envelope signature checks, one by one and in batches (as call pipes check what arrived
-/// together): CPU time per 256-byte call envelope.
+/// Envelope signing and signature checks, one by one and in batches (as call pipes sign what
+/// queued together and check what arrived together): CPU time per 256-byte call envelope.
 fn verify(n: usize, rows: &mut Vec<Row>) {
     use skillmesh::protocol::envelope;
     use skillmesh::protocol::{Call, CallId, Mode, SigningKey, SkillName, Timestamp};
     let key =
         SigningKey::from_keypair(&libp2p::identity::Keypair::generate_ed25519()).expect("ed25519");
     let now = Timestamp::now();
-    let envelopes: Vec<Vec<u8>> = (0..n)
-        .map(|_| {
-            let call = Call {
-                call_id: CallId(rand::random()),
-                caller: key.peer_id(),
-                target: PeerId::random(),
-                skill: SkillName::new("echo").expect("name"),
-                version_req: "*".parse().expect("req"),
-                args: ByteBuf::from(vec![0x78u8; 256]),
-                issued_at: now,
-                expires_at: now.saturating_add(Duration::from_secs(60)),
-                mode: Mode::Sync,
-                grant: None,
-            };
-            envelope::seal(&key, &call).expect("seal")
+    let calls: Vec<Call> = (0..n)
+        .map(|_| Call {
+            call_id: CallId(rand::random()),
+            caller: key.peer_id(),
+            target: PeerId::random(),
+            skill: SkillName::new("echo").expect("name"),
+            version_req: "*".parse().expect("req"),
+            args: ByteBuf::from(vec![0x78u8; 256]),
+            issued_at: now,
+            expires_at: now.saturating_add(Duration::from_secs(60)),
+            mode: Mode::Sync,
+            grant: None,
         })
         .collect();
+    let t = Instant::now();
+    let envelopes: Vec<Vec<u8>> = calls
+        .iter()
+        .map(|c| envelope::seal(&key, c).expect("seal"))
+        .collect();
+    let sealed_alone = t.elapsed() / n as u32;
+    // Envelopes signed in batches of 32, checked below as they would arrive: 32 together.
+    let mut batch_signed = Vec::new();
+    for batch in [8, 32] {
+        let t = Instant::now();
+        let mut signed = Vec::with_capacity(n);
+        for chunk in calls.chunks(batch) {
+            let prepared: Vec<_> = chunk
+                .iter()
+                .map(|c| envelope::prepare(&key, c).expect("prepare"))
+                .collect();
+            let refs: Vec<_> = prepared.iter().collect();
+            signed.extend(envelope::sign_batch(&key, &refs));
+        }
+        let batched = t.elapsed() / n as u32;
+        assert_eq!(signed.len(), n, "every envelope signed");
+        batch_signed = signed;
+        rows.push(Row {
+            what: format!("encode + sign per call envelope, batches of {batch}"),
+            skillmesh: format!("{:.1} us", batched.as_secs_f64() * 1e6),
+            plain: format!("{:.1} us", sealed_alone.as_secs_f64() * 1e6),
+            ratio: format!("{:.2}x", batched.as_secs_f64() / sealed_alone.as_secs_f64()),
+            target: "(plain: one by one)",
+        });
+    }
     let refs: Vec<&[u8]> = envelopes.iter().map(Vec::as_slice).collect();
     let t = Instant::now();
     let alone = refs.iter().filter(|e| envelope::verify(e).is_ok()).count();
@@ -635,6 +662,26 @@ fn verify(n: usize, rows: &mut Vec<Row>) {
             target: "(plain: one by one)",
         });
     }
+    let refs: Vec<&[u8]> = batch_signed.iter().map(Vec::as_slice).collect();
+    let t = Instant::now();
+    let ok: usize = refs
+        .chunks(32)
+        .map(|c| {
+            envelope::verify_batch(c)
+                .iter()
+                .filter(|r| r.is_ok())
+                .count()
+        })
+        .sum();
+    let shared = t.elapsed() / n as u32;
+    assert_eq!(ok, n, "every batch-signed envelope verifies");
+    rows.push(Row {
+        what: "signature check per envelope signed 32 together".into(),
+        skillmesh: format!("{:.1} us", shared.as_secs_f64() * 1e6),
+        plain: format!("{:.1} us", one_by_one.as_secs_f64() * 1e6),
+        ratio: format!("{:.2}x", shared.as_secs_f64() / one_by_one.as_secs_f64()),
+        target: "(plain: one by one)",
+    });
 }
 
 /// The idle RSS of the `skillmesh` daemon this benchmark was built with, or of `daemon` (a

@@ -145,12 +145,7 @@ impl NodeBuilder {
             ),
             span.clone(),
         ));
-        let pipes = Pipes::new(
-            control,
-            signing.clone(),
-            activity.clone(),
-            tx.downgrade(),
-        );
+        let pipes = Pipes::new(control, signing.clone(), activity.clone(), tx.downgrade());
         let secret = identity
             .keypair()
             .clone()

@@ -867,7 +867,11 @@ async fn serve_pipe(
     let (read, write) = split_guarded(stream);
     let (frames_tx, rx) = mpsc::channel(WRITE_QUEUE);
     tokio::spawn(write_frames(write, rx, inbound.signing().clone()));
-    if frames_tx.send(Out::Frame(frame(ACCEPTED, &[]))).await.is_err() {
+    if frames_tx
+        .send(Out::Frame(frame(ACCEPTED, &[])))
+        .await
+        .is_err()
+    {
         return;
     }
     let room = Arc::new(Semaphore::new(limits.per_pipe));
@@ -952,9 +956,13 @@ mod tests {
         let k = key();
         let (tx, rx) = mpsc::channel(16);
         let calls: Vec<Unsigned> = (0..5).map(|i| unsigned(&k, i)).collect();
-        tx.send(Out::Frame(frame(100, b"as is"))).await.expect("queue");
+        tx.send(Out::Frame(frame(100, b"as is")))
+            .await
+            .expect("queue");
         for (i, u) in calls.iter().enumerate() {
-            tx.send(Out::Sign(i as u64, u.clone())).await.expect("queue");
+            tx.send(Out::Sign(i as u64, u.clone()))
+                .await
+                .expect("queue");
         }
         tx.send(Out::Close).await.expect("queue");
         // Past the close: never written.
@@ -968,14 +976,20 @@ mod tests {
         assert_eq!(first, Some((100, b"as is".to_vec())));
         let mut signatures = Vec::new();
         for (i, u) in calls.iter().enumerate() {
-            let (tag, e) = read_frame(&mut r, 4096).await.expect("read").expect("frame");
+            let (tag, e) = read_frame(&mut r, 4096)
+                .await
+                .expect("read")
+                .expect("frame");
             assert_eq!(tag, i as u64);
             let v = envelope::verify(&e).expect("verifies alone");
             assert_eq!(v.signer(), k.peer_id());
             assert_eq!(v.payload(), u.payload());
             signatures.push(e[36..100].to_vec());
         }
-        assert!(signatures.iter().all(|s| *s == signatures[0]), "one signature");
+        assert!(
+            signatures.iter().all(|s| *s == signatures[0]),
+            "one signature"
+        );
         assert_eq!(read_frame(&mut r, 4096).await.expect("end"), None);
     }
 
