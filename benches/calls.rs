@@ -201,7 +201,9 @@ fn plain_client(net: Net, server: PeerId, addr: Multiaddr) -> PlainClient {
         let mut pending = std::collections::HashMap::new();
         loop {
             tokio::select! {
-                Some((req, reply)) = rx.recv() => {
+                msg = rx.recv() => {
+                    // Every handle dropped: this client is done, and its connection with it.
+                    let Some((req, reply)) = msg else { break };
                     let id = swarm.behaviour_mut().send_request(&server, req);
                     pending.insert(id, reply);
                 }
@@ -216,7 +218,6 @@ fn plain_client(net: Net, server: PeerId, addr: Multiaddr) -> PlainClient {
                     }
                     _ => {}
                 },
-                else => break,
             }
         }
     });
@@ -382,13 +383,16 @@ async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
 /// How long a new caller (either kind) is left before its cold call is timed.
 const COLD_SETTLE: Duration = Duration::from_millis(50);
 
-/// A new peer: dial, handshake, first call.
+/// A new peer: dial, handshake, first call. Samples of the two alternate, so that whatever
+/// else the machine does in a stretch of the run weighs on both alike.
 async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
     let d1 = tempfile::tempdir().expect("tempdir");
     let callee = echo_callee(net, d1.path()).await;
     let addr = callee.listen_addrs().await.expect("addrs")[0].clone();
+    let (server, saddr) = plain_server(net).await;
     let args = args_256();
-    let mut sm = Vec::new();
+    let payload = vec![0x78u8; 256];
+    let (mut sm, mut pl) = (Vec::new(), Vec::new());
     for _ in 0..n {
         let d = tempfile::tempdir().expect("tempdir");
         let caller = Node::builder(config(net, vec![]))
@@ -407,11 +411,7 @@ async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
             .expect("cold call");
         sm.push(t.elapsed());
         caller.shutdown().await.ok();
-    }
-    let (server, saddr) = plain_server(net).await;
-    let payload = vec![0x78u8; 256];
-    let mut pl = Vec::new();
-    for _ in 0..n {
+
         let client = plain_client(net, server, saddr.clone());
         tokio::time::sleep(COLD_SETTLE).await;
         let t = Instant::now();

@@ -30,6 +30,7 @@ use skillmesh_protocol::keys::{
 use skillmesh_protocol::{MAX_MAILBOX_REQUEST_BYTES, MAX_MAILBOX_RESPONSE_BYTES};
 
 use crate::config::{Config, KadMode, NetworkConfig, Reachability};
+use crate::deferred::Deferred;
 use crate::error::Error;
 use crate::wire::FrameCodec;
 
@@ -46,8 +47,8 @@ const CARD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: Toggle<memory_connection_limits::Behaviour>,
-    pub(crate) identify: identify::Behaviour,
-    pub(crate) ping: Toggle<ping::Behaviour>,
+    pub(crate) identify: Deferred<identify::Behaviour>,
+    pub(crate) ping: Toggle<Deferred<ping::Behaviour>>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
     pub(crate) gossipsub: gossipsub::Behaviour,
     /// Call pipes: streams handed straight to the calling and serving tasks.
@@ -62,6 +63,19 @@ pub(crate) struct Behaviour {
     pub(crate) autonat: Toggle<autonat::v2::client::Behaviour>,
     pub(crate) autonat_server: autonat::v2::server::Behaviour,
 }
+
+/// How long a new connection waits for the streams ping opens, and identify on connections we
+/// dialed (`deferred.rs`). Both open a stream each way the moment a connection is made, on both
+/// nodes, in the very milliseconds the call or request the connection was made for needs the
+/// CPU. A cold call over loopback TCP (`cargo bench --bench calls -- --only cold`, 300 samples,
+/// 2026-12-06) took 1.56-1.57x plain libp2p with both at once, 1.43-1.45x so. Identify goes at
+/// once on connections others dialed: it is how a listener learns where the dialer listens and
+/// puts it in its DHT routing table. Held back there too (1.36-1.42x), a node that joined right
+/// after another did not find it in the DHT yet: a 20-node netsim run missed 12-18 % of its
+/// lookups at 50 ms (netsim/tests/smoke.rs), and at 10 ms a third node of a new mesh missed the
+/// first event in 2 of 4 runs (tests/network.rs, events). Gossipsub is not held back: a
+/// subscription it has not yet told a new peer is an event that peer misses.
+const SETTLE: Duration = Duration::from_millis(10);
 
 /// How outbound streams negotiate their protocol. Lazily: a stream's first bytes go out with
 /// the proposal instead of a round trip after it (go-libp2p does the same for every stream). A
@@ -231,12 +245,15 @@ fn behaviour(
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
-        identify,
+        identify: Deferred::dialed_only(identify, SETTLE),
         // A zero interval would ping without pause: zero means no pings.
         ping: (!config.network.ping_interval.is_zero())
             .then(|| {
-                ping::Behaviour::new(
-                    ping::Config::new().with_interval(config.network.ping_interval),
+                Deferred::new(
+                    ping::Behaviour::new(
+                        ping::Config::new().with_interval(config.network.ping_interval),
+                    ),
+                    SETTLE,
                 )
             })
             .into(),

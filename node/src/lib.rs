@@ -70,6 +70,7 @@ mod call_log;
 mod calls;
 pub mod config;
 pub mod control;
+mod deferred;
 mod discovery;
 mod error;
 mod event_loop;

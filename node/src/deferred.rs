@@ -1,0 +1,351 @@
+//! Holds back the streams a behaviour opens on a new connection, for a moment.
+//!
+//! Every new connection makes identify and ping open a stream each way at once: their
+//! negotiations and messages, on both nodes, in the very milliseconds the stream the
+//! connection was made for (a skill call, a DHT request) needs the CPU. [`Deferred`] wraps such
+//! a behaviour: until a connection is `delay` old, the streams its handler asks to open wait
+//! (in order, then all go). Everything else runs as before: the handler answers what the peer
+//! opens at once, and its events reach the behaviour at once.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::task::{Context, Poll};
+use std::time::{Duration, Instant};
+
+use libp2p::core::Endpoint;
+use libp2p::core::transport::PortUse;
+use libp2p::swarm::handler::{ConnectionEvent, ConnectionHandlerEvent, SubstreamProtocol};
+use libp2p::swarm::{
+    ConnectionDenied, ConnectionHandler, ConnectionId, FromSwarm, NetworkBehaviour, THandler,
+    THandlerInEvent, THandlerOutEvent, ToSwarm,
+};
+use libp2p::{Multiaddr, PeerId};
+
+/// A behaviour whose handlers open no stream of their own until their connection is `delay`
+/// old: on every connection, or on those we dialed only.
+pub(crate) struct Deferred<B> {
+    inner: B,
+    delay: Duration,
+    dialed_only: bool,
+}
+
+impl<B> Deferred<B> {
+    /// Holds back the streams of every connection.
+    pub(crate) fn new(inner: B, delay: Duration) -> Self {
+        Deferred {
+            inner,
+            delay,
+            dialed_only: false,
+        }
+    }
+
+    /// Holds back the streams of connections we dialed; on those others dialed, the handler
+    /// opens its streams at once.
+    pub(crate) fn dialed_only(inner: B, delay: Duration) -> Self {
+        Deferred {
+            inner,
+            delay,
+            dialed_only: true,
+        }
+    }
+}
+
+impl<B> std::ops::Deref for Deferred<B> {
+    type Target = B;
+    fn deref(&self) -> &B {
+        &self.inner
+    }
+}
+
+impl<B> std::ops::DerefMut for Deferred<B> {
+    fn deref_mut(&mut self) -> &mut B {
+        &mut self.inner
+    }
+}
+
+impl<B: NetworkBehaviour> NetworkBehaviour for Deferred<B> {
+    type ConnectionHandler = Handler<THandler<B>>;
+    type ToSwarm = B::ToSwarm;
+
+    fn handle_pending_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<(), ConnectionDenied> {
+        self.inner
+            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
+    }
+
+    fn handle_established_inbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        local_addr: &Multiaddr,
+        remote_addr: &Multiaddr,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let inner = self.inner.handle_established_inbound_connection(
+            connection_id,
+            peer,
+            local_addr,
+            remote_addr,
+        )?;
+        let delay = match self.dialed_only {
+            true => Duration::ZERO,
+            false => self.delay,
+        };
+        Ok(Handler::new(inner, delay))
+    }
+
+    fn handle_pending_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        maybe_peer: Option<PeerId>,
+        addresses: &[Multiaddr],
+        effective_role: Endpoint,
+    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
+        self.inner.handle_pending_outbound_connection(
+            connection_id,
+            maybe_peer,
+            addresses,
+            effective_role,
+        )
+    }
+
+    fn handle_established_outbound_connection(
+        &mut self,
+        connection_id: ConnectionId,
+        peer: PeerId,
+        addr: &Multiaddr,
+        role_override: Endpoint,
+        port_use: PortUse,
+    ) -> Result<THandler<Self>, ConnectionDenied> {
+        let inner = self.inner.handle_established_outbound_connection(
+            connection_id,
+            peer,
+            addr,
+            role_override,
+            port_use,
+        )?;
+        Ok(Handler::new(inner, self.delay))
+    }
+
+    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
+        self.inner.on_swarm_event(event);
+    }
+
+    fn on_connection_handler_event(
+        &mut self,
+        peer_id: PeerId,
+        connection_id: ConnectionId,
+        event: THandlerOutEvent<Self>,
+    ) {
+        self.inner
+            .on_connection_handler_event(peer_id, connection_id, event);
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
+        self.inner.poll(cx)
+    }
+}
+
+/// Streams a handler asked to open while its connection was young, at most. Identify and ping
+/// ask for one each.
+const MAX_HELD: usize = 8;
+
+/// A connection handler whose requests to open streams wait until its delay has passed.
+pub(crate) struct Handler<H: ConnectionHandler> {
+    inner: H,
+    wait: Wait,
+    held: VecDeque<SubstreamProtocol<H::OutboundProtocol, H::OutboundOpenInfo>>,
+}
+
+enum Wait {
+    /// No timer yet. It is made on the first poll, which runs on the connection's task; the
+    /// handler itself is made on the swarm's.
+    Until(Instant),
+    Timer(Pin<Box<tokio::time::Sleep>>),
+    Over,
+}
+
+impl<H: ConnectionHandler> Handler<H> {
+    fn new(inner: H, delay: Duration) -> Self {
+        Handler {
+            inner,
+            wait: match delay.is_zero() {
+                true => Wait::Over,
+                false => Wait::Until(Instant::now() + delay),
+            },
+            held: VecDeque::new(),
+        }
+    }
+
+    /// Whether the delay has passed; if not, the task is woken when it does.
+    fn over(&mut self, cx: &mut Context<'_>) -> bool {
+        if let Wait::Until(at) = self.wait {
+            self.wait = Wait::Timer(Box::pin(tokio::time::sleep_until(at.into())));
+        }
+        if let Wait::Timer(timer) = &mut self.wait {
+            if timer.as_mut().poll(cx).is_pending() {
+                return false;
+            }
+            self.wait = Wait::Over;
+        }
+        true
+    }
+}
+
+impl<H: ConnectionHandler> ConnectionHandler for Handler<H> {
+    type FromBehaviour = H::FromBehaviour;
+    type ToBehaviour = H::ToBehaviour;
+    type InboundProtocol = H::InboundProtocol;
+    type OutboundProtocol = H::OutboundProtocol;
+    type InboundOpenInfo = H::InboundOpenInfo;
+    type OutboundOpenInfo = H::OutboundOpenInfo;
+
+    fn listen_protocol(&self) -> SubstreamProtocol<Self::InboundProtocol, Self::InboundOpenInfo> {
+        self.inner.listen_protocol()
+    }
+
+    fn connection_keep_alive(&self) -> bool {
+        self.inner.connection_keep_alive()
+    }
+
+    fn poll(
+        &mut self,
+        cx: &mut Context<'_>,
+    ) -> Poll<
+        ConnectionHandlerEvent<Self::OutboundProtocol, Self::OutboundOpenInfo, Self::ToBehaviour>,
+    > {
+        loop {
+            if !self.held.is_empty()
+                && self.over(cx)
+                && let Some(protocol) = self.held.pop_front()
+            {
+                return Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol });
+            }
+            match self.inner.poll(cx) {
+                // Past the bound the stream opens now: late, never lost.
+                Poll::Ready(ConnectionHandlerEvent::OutboundSubstreamRequest { protocol })
+                    if self.held.len() < MAX_HELD && !self.over(cx) =>
+                {
+                    self.held.push_back(protocol);
+                }
+                other => return other,
+            }
+        }
+    }
+
+    fn poll_close(&mut self, cx: &mut Context<'_>) -> Poll<Option<Self::ToBehaviour>> {
+        self.inner.poll_close(cx)
+    }
+
+    fn on_behaviour_event(&mut self, event: Self::FromBehaviour) {
+        self.inner.on_behaviour_event(event);
+    }
+
+    fn on_connection_event(
+        &mut self,
+        event: ConnectionEvent<
+            '_,
+            Self::InboundProtocol,
+            Self::OutboundProtocol,
+            Self::InboundOpenInfo,
+            Self::OutboundOpenInfo,
+        >,
+    ) {
+        self.inner.on_connection_event(event);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::time::Instant;
+
+    use libp2p::futures::StreamExt;
+    use libp2p::swarm::SwarmEvent;
+    use libp2p::{Swarm, SwarmBuilder, noise, ping, tcp, yamux};
+
+    use super::*;
+
+    const DELAY: Duration = Duration::from_secs(1);
+
+    fn swarm(behaviour: Deferred<ping::Behaviour>) -> Swarm<Deferred<ping::Behaviour>> {
+        SwarmBuilder::with_new_identity()
+            .with_tokio()
+            .with_tcp(
+                tcp::Config::default(),
+                noise::Config::new,
+                yamux::Config::default,
+            )
+            .expect("tcp")
+            .with_behaviour(|_| behaviour)
+            .expect("behaviour")
+            .build()
+    }
+
+    /// How long after its connection each side's first ping succeeded: the listener's, the
+    /// dialer's. A side's ping goes out on a stream it opens itself, and is answered by the
+    /// other side's handler.
+    async fn first_pings(make: fn() -> Deferred<ping::Behaviour>) -> (Duration, Duration) {
+        let mut listener = swarm(make());
+        listener
+            .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
+            .expect("listen");
+        let addr = loop {
+            if let SwarmEvent::NewListenAddr { address, .. } = listener.select_next_some().await {
+                break address;
+            }
+        };
+        let mut dialer = swarm(make());
+        dialer.dial(addr).expect("dial");
+        let first_ping = |mut swarm: Swarm<Deferred<ping::Behaviour>>| async move {
+            let mut connected = None;
+            loop {
+                match swarm.select_next_some().await {
+                    SwarmEvent::ConnectionEstablished { .. } => connected = Some(Instant::now()),
+                    SwarmEvent::Behaviour(ping::Event { result: Ok(_), .. }) => {
+                        let at = connected.expect("a ping comes after its connection");
+                        // Keep answering the other side until it has its ping too.
+                        tokio::spawn(async move {
+                            loop {
+                                swarm.select_next_some().await;
+                            }
+                        });
+                        return at.elapsed();
+                    }
+                    _ => {}
+                }
+            }
+        };
+        tokio::time::timeout(
+            Duration::from_secs(10),
+            futures::future::join(first_ping(listener), first_ping(dialer)),
+        )
+        .await
+        .expect("both sides pinged within 10 s")
+    }
+
+    /// Ping opens its stream and pings the moment a connection is made; deferred, neither side
+    /// pings before the delay has passed, and both do after it.
+    #[tokio::test]
+    async fn streams_a_handler_opens_wait_for_the_delay() {
+        let (listener, dialer) =
+            first_pings(|| Deferred::new(ping::Behaviour::default(), DELAY)).await;
+        assert!(listener >= DELAY, "the listener pinged after {listener:?}");
+        assert!(dialer >= DELAY, "the dialer pinged after {dialer:?}");
+    }
+
+    /// Deferred on dialed connections only: the listener pings at once, and the dialer, whose
+    /// own ping waits, answers it at once.
+    #[tokio::test]
+    async fn a_dialer_answers_at_once_while_its_own_streams_wait() {
+        let (listener, dialer) =
+            first_pings(|| Deferred::dialed_only(ping::Behaviour::default(), DELAY)).await;
+        assert!(listener < DELAY, "the listener pinged after {listener:?}");
+        assert!(dialer >= DELAY, "the dialer pinged after {dialer:?}");
+    }
+}
