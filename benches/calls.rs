@@ -245,27 +245,54 @@ struct Row {
     target: &'static str,
 }
 
-/// Warms up with 200 calls, then times `n` sequential ones.
-async fn timed<F, Fut>(n: usize, call: F) -> Vec<Duration>
+/// Calls of one kind timed in a row before the other's turn: the two alternate in blocks, so
+/// that whatever else the machine does in a stretch of the run weighs on both alike. Long
+/// against the call log's pace (a batch every 50 ms, `call_log.rs`), so that its commits fall
+/// among the calls they log.
+const BLOCK: usize = 1_000;
+/// The pause after each turn: the call log's last batch of a turn lands in no one's window.
+const PAUSE: Duration = Duration::from_millis(100);
+
+/// Times `n` calls one after another, into `samples`.
+async fn time_calls<F, Fut>(n: usize, call: &F, samples: &mut Vec<Duration>)
 where
     F: Fn() -> Fut,
     Fut: Future<Output = bool>,
 {
-    for _ in 0..200 {
-        assert!(call().await, "warm-up call failed");
-    }
-    let mut samples = Vec::with_capacity(n);
     for _ in 0..n {
         let t = Instant::now();
         assert!(call().await, "call failed");
         samples.push(t.elapsed());
     }
-    samples.sort();
-    samples
 }
 
-/// `total` calls from 64 concurrent workers: calls per second, and failures.
-async fn hammer<F, Fut>(total: usize, call: F) -> (f64, usize)
+/// Warms both up with 200 calls, then times `n` sequential calls of each, in turns of
+/// [`BLOCK`]; the samples of each, sorted.
+async fn timed_pair<F, Fut, G, Gut>(n: usize, a: F, b: G) -> (Vec<Duration>, Vec<Duration>)
+where
+    F: Fn() -> Fut,
+    Fut: Future<Output = bool>,
+    G: Fn() -> Gut,
+    Gut: Future<Output = bool>,
+{
+    let mut warm = Vec::new();
+    time_calls(200, &a, &mut warm).await;
+    time_calls(200, &b, &mut warm).await;
+    let (mut sa, mut sb) = (Vec::with_capacity(n), Vec::with_capacity(n));
+    while sa.len() < n {
+        let k = BLOCK.min(n - sa.len());
+        time_calls(k, &a, &mut sa).await;
+        tokio::time::sleep(PAUSE).await;
+        time_calls(k, &b, &mut sb).await;
+        tokio::time::sleep(PAUSE).await;
+    }
+    sa.sort();
+    sb.sort();
+    (sa, sb)
+}
+
+/// `total` calls from 64 concurrent workers: calls made, how long they took, and failures.
+async fn hammer<F, Fut>(total: usize, call: F) -> (usize, Duration, usize)
 where
     F: Fn() -> Fut + Clone + Send + 'static,
     Fut: Future<Output = bool> + Send,
@@ -291,10 +318,32 @@ where
     for task in tasks {
         errors += task.await.unwrap_or(per_worker);
     }
-    (
-        (per_worker * WORKERS) as f64 / t.elapsed().as_secs_f64(),
-        errors,
-    )
+    (per_worker * WORKERS, t.elapsed(), errors)
+}
+
+/// Rounds of 64 calls in flight, of each kind in turn, for the reasons of [`BLOCK`].
+const ROUNDS: usize = 2;
+
+/// `total` calls of each kind from 64 workers, in [`ROUNDS`] turns: calls per second and
+/// failures, of each.
+async fn hammer_pair<F, Fut, G, Gut>(total: usize, a: F, b: G) -> ((f64, usize), (f64, usize))
+where
+    F: Fn() -> Fut + Clone + Send + 'static,
+    Fut: Future<Output = bool> + Send,
+    G: Fn() -> Gut + Clone + Send + 'static,
+    Gut: Future<Output = bool> + Send,
+{
+    let (mut a_sum, mut b_sum) = ((0, Duration::ZERO, 0), (0, Duration::ZERO, 0));
+    for _ in 0..ROUNDS {
+        let (n, t, e) = hammer(total / ROUNDS, a.clone()).await;
+        a_sum = (a_sum.0 + n, a_sum.1 + t, a_sum.2 + e);
+        tokio::time::sleep(PAUSE).await;
+        let (n, t, e) = hammer(total / ROUNDS, b.clone()).await;
+        b_sum = (b_sum.0 + n, b_sum.1 + t, b_sum.2 + e);
+        tokio::time::sleep(PAUSE).await;
+    }
+    let rate = |(n, t, e): (usize, Duration, usize)| (n as f64 / t.as_secs_f64(), e);
+    (rate(a_sum), rate(b_sum))
 }
 
 /// A skillmesh echo call, as a closure the helpers can repeat.
@@ -321,9 +370,9 @@ fn plain_call(
 
 async fn sequential(net: Net, n: usize, rows: &mut Vec<Row>) {
     let pair = skillmesh_pair(net).await;
-    let sm = timed(n, sm_call(&pair)).await;
     let (server, addr) = plain_server(net).await;
-    let pl = timed(n, plain_call(&plain_client(net, server, addr))).await;
+    let client = plain_client(net, server, addr);
+    let (sm, pl) = timed_pair(n, sm_call(&pair), plain_call(&client)).await;
     for (p, name, target) in [
         (0.5, "p50", "<= 1.5x"),
         (0.9, "p90", ""),
@@ -344,12 +393,13 @@ async fn sequential(net: Net, n: usize, rows: &mut Vec<Row>) {
 
 async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
     let pair = skillmesh_pair(net).await;
-    timed(0, sm_call(&pair)).await; // warm-up
-    let (sm_rate, sm_errors) = hammer(total, sm_call(&pair)).await;
     let (server, addr) = plain_server(net).await;
     let client = plain_client(net, server, addr);
-    timed(0, plain_call(&client)).await;
-    let (pl_rate, pl_errors) = hammer(total, plain_call(&client)).await;
+    let mut warm = Vec::new();
+    time_calls(200, &sm_call(&pair), &mut warm).await;
+    time_calls(200, &plain_call(&client), &mut warm).await;
+    let ((sm_rate, sm_errors), (pl_rate, pl_errors)) =
+        hammer_pair(total, sm_call(&pair), plain_call(&client)).await;
     rows.push(Row {
         what: format!("64 calls in flight, {}, calls/s", net.name()),
         skillmesh: format!("{sm_rate:.0}"),
@@ -380,8 +430,9 @@ async fn in_flight(net: Net, total: usize, rows: &mut Vec<Row>) {
     pair.callee.shutdown().await.ok();
 }
 
-/// How long a new caller (either kind) is left before its cold call is timed.
-const COLD_SETTLE: Duration = Duration::from_millis(50);
+/// How long a new caller (either kind) is left before its cold call is timed: longer than the
+/// call log's wait before it writes the callee's entry of the call before (50 ms).
+const COLD_SETTLE: Duration = Duration::from_millis(100);
 
 /// A new peer: dial, handshake, first call. Samples of the two alternate, so that whatever
 /// else the machine does in a stretch of the run weighs on both alike.

@@ -17,7 +17,10 @@ fn main() {
         // scattered through it: each 4 KiB page one of them sits on stays resident, with the
         // pages the kernel maps around it (node/startup-order.sh, which writes the list).
         let path = std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join(ORDER);
-        println!("cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}", path.display());
+        println!(
+            "cargo:rustc-link-arg-bins=-Wl,--symbol-ordering-file={}",
+            path.display()
+        );
         // A function of the list that this build does not have is no fault: the list was made
         // from one build, and a changed one keeps the rest of the order.
         println!("cargo:rustc-link-arg-bins=-Wl,--no-warn-symbol-ordering");
@@ -50,7 +53,9 @@ fn startup_order() -> bool {
         && std::env::var_os("SKILLMESH_NO_ORDER").is_none()
         && std::env::var_os("RUSTC_LINKER").is_none()
         && !flags.contains("link")
-        && std::path::Path::new(&var("CARGO_MANIFEST_DIR")).join(ORDER).exists()
+        && std::path::Path::new(&var("CARGO_MANIFEST_DIR"))
+            .join(ORDER)
+            .exists()
 }
 
 /// Whether the binary's loader understands RELR: glibc 2.36 or newer. Only known when the
