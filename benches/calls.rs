@@ -4,6 +4,7 @@
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
 //! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, verify, mail, startup, rss
+//! cargo bench --bench calls -- --only cold --net tcp       # and the call groups over one transport
 //! cargo bench --bench calls -- --only rss --daemon target/dist/skillmesh   # another build's RSS
 //! ```
 //!
@@ -804,13 +805,28 @@ async fn main() {
         .position(|a| a == "--daemon")
         .and_then(|i| args.get(i + 1))
         .cloned();
+    // `--net tcp` or `--net quic`: the call groups over one transport only.
+    let nets: Vec<Net> = match args
+        .iter()
+        .position(|a| a == "--net")
+        .and_then(|i| args.get(i + 1))
+        .map(String::as_str)
+    {
+        None => vec![Net::Tcp, Net::Quic],
+        Some("tcp") => vec![Net::Tcp],
+        Some("quic") => vec![Net::Quic],
+        Some(other) => {
+            eprintln!("--net {other}: expected tcp or quic");
+            std::process::exit(2);
+        }
+    };
     let (seq, total, cold_n) = if quick {
         (500, 4_000, 5)
     } else {
-        (3_000, 20_000, 100)
+        (3_000, 20_000, 300)
     };
     let mut rows = Vec::new();
-    for net in [Net::Tcp, Net::Quic] {
+    for net in nets {
         if run("sequential") {
             sequential(net, seq, &mut rows).await;
         }
