@@ -356,3 +356,85 @@ async fn call_log_updates_in_place_and_drops_the_oldest() {
         .expect("log");
     assert_eq!(store.recent_calls(10).await.expect("recent").len(), 3);
 }
+
+#[tokio::test]
+async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let limits = StoreLimits {
+        max_call_log: 4,
+        ..Default::default()
+    };
+    let peer = PeerId::random();
+    let entry = |i: u8, direction, state| CallLogEntry {
+        call_id: CallId([i; 16]),
+        direction,
+        peer,
+        skill: SkillName::new("translate").expect("n"),
+        state,
+        error: None,
+        started_at: Timestamp(T0.0 + u64::from(i)),
+        updated_at: Timestamp(T0.0 + u64::from(i)),
+    };
+    {
+        let store = open(&dir, limits.clone()).await;
+        // One batch may start and finish a call; each direction of a call is its own entry.
+        store
+            .log_calls(
+                vec![
+                    entry(1, Direction::Outbound, CallState::Running),
+                    entry(1, Direction::Inbound, CallState::Running),
+                    entry(2, Direction::Outbound, CallState::Running),
+                    entry(1, Direction::Outbound, CallState::Completed),
+                ],
+                true,
+            )
+            .await
+            .expect("log");
+        assert_eq!(store.recent_calls(10).await.expect("recent").len(), 3);
+    }
+    // Reopened, the store still finds its entries: an update replaces, in place.
+    let store = open(&dir, limits).await;
+    store
+        .log_call(entry(2, Direction::Outbound, CallState::Completed))
+        .await
+        .expect("update");
+    store
+        .log_call(entry(3, Direction::Inbound, CallState::Completed))
+        .await
+        .expect("log");
+    let recent = store.recent_calls(10).await.expect("recent");
+    assert_eq!(
+        recent
+            .iter()
+            .map(|e| (e.call_id.0[0], e.direction, e.state))
+            .collect::<Vec<_>>(),
+        vec![
+            (3, Direction::Inbound, CallState::Completed),
+            (2, Direction::Outbound, CallState::Completed),
+            (1, Direction::Inbound, CallState::Running),
+            (1, Direction::Outbound, CallState::Completed),
+        ]
+    );
+    // Full: the oldest goes, and its call logged again is a new entry, not an update of it.
+    store
+        .log_call(entry(4, Direction::Inbound, CallState::Completed))
+        .await
+        .expect("log");
+    store
+        .log_call(entry(1, Direction::Outbound, CallState::Failed))
+        .await
+        .expect("log");
+    let recent = store.recent_calls(10).await.expect("recent");
+    assert_eq!(
+        recent
+            .iter()
+            .map(|e| (e.call_id.0[0], e.direction))
+            .collect::<Vec<_>>(),
+        vec![
+            (1, Direction::Outbound),
+            (4, Direction::Inbound),
+            (3, Direction::Inbound),
+            (2, Direction::Outbound),
+        ]
+    );
+}

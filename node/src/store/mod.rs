@@ -8,8 +8,9 @@
 //! Records are CBOR. Keys are built by hand as byte strings so that ranges are plain byte ranges:
 //! `lp(peer)` is a peer id prefixed by its length, which keeps one peer's keys contiguous.
 
+use std::collections::HashMap;
 use std::path::{Path, PathBuf};
-use std::sync::Arc;
+use std::sync::{Arc, Mutex};
 
 use libp2p::{Multiaddr, PeerId};
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
@@ -45,8 +46,20 @@ const MAIL_USAGE: TableDefinition<'_, &[u8], (u64, u64)> = TableDefinition::new(
 /// `log seq (u64 BE) || call id || direction` -> [`CallLogEntry`], in the order calls were first
 /// logged: a counter, not a clock, so calls within one millisecond keep their order.
 const CALL_LOG: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_log");
-/// `call id || direction` -> call log key.
+/// `call id || direction` -> call log key. No longer kept (see [`CallIndex`]); deleted on open.
 const CALL_INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_index");
+
+/// A call log key: `log seq (u64 BE) || call id || direction`.
+type LogKey = [u8; 25];
+/// `call id || direction`, the last 17 bytes of a [`LogKey`].
+type IndexKey = [u8; 17];
+
+/// `call id || direction` -> its call log key, for every entry the log holds: how an update
+/// (a call's state changed) finds its entry. It lives in memory, rebuilt from the log's keys on
+/// open, at most `max_call_log` entries. As a table it cost each logged call three B-tree
+/// operations more (the lookup, the insert, the removal once the entry is dropped): a third of
+/// the log's commits, which at 64 calls in flight were the node's largest cost.
+type CallIndex = Arc<Mutex<HashMap<IndexKey, LogKey>>>;
 
 mod inbox;
 pub(crate) use inbox::OlmState;
@@ -307,6 +320,7 @@ pub struct CallLogEntry {
 pub struct Store {
     db: Arc<Database>,
     limits: StoreLimits,
+    call_index: CallIndex,
 }
 
 impl std::fmt::Debug for Store {
@@ -321,12 +335,17 @@ impl Store {
     /// Opens (or creates) the store at `path` and checks its schema version.
     pub async fn open(path: &Path, limits: StoreLimits) -> Result<Self, StoreError> {
         let path = path.to_owned();
-        let db = tokio::task::spawn_blocking(move || Self::open_blocking(&path))
-            .await
-            .map_err(|e| StoreError::Task(e.to_string()))??;
+        let (db, index) = tokio::task::spawn_blocking(move || {
+            let db = Self::open_blocking(&path)?;
+            let index = load_call_index(&db)?;
+            Ok::<_, StoreError>((db, index))
+        })
+        .await
+        .map_err(|e| StoreError::Task(e.to_string()))??;
         Ok(Store {
             db: Arc::new(db),
             limits,
+            call_index: Arc::new(Mutex::new(index)),
         })
     }
 
@@ -369,7 +388,7 @@ impl Store {
             tx.open_table(MAIL_IDS)?;
             tx.open_table(MAIL_USAGE)?;
             tx.open_table(CALL_LOG)?;
-            tx.open_table(CALL_INDEX)?;
+            tx.delete_table(CALL_INDEX)?;
             tx.open_table(OLM)?;
             tx.open_table(OUT_SEQ)?;
             tx.open_table(INBOX)?;
@@ -764,7 +783,8 @@ impl Store {
         entries: Vec<CallLogEntry>,
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.run(move |db, limits| write_call_log(db, limits, entries, durable))
+        let index = self.call_index.clone();
+        self.run(move |db, limits| write_call_log(db, limits, &index, entries, durable))
             .await
     }
 
@@ -775,8 +795,11 @@ impl Store {
         entries: Vec<CallLogEntry>,
         durable: bool,
     ) -> Result<(), StoreError> {
-        self.run_in_background(move |db, limits| write_call_log(db, limits, entries, durable))
-            .await
+        let index = self.call_index.clone();
+        self.run_in_background(move |db, limits| {
+            write_call_log(db, limits, &index, entries, durable)
+        })
+        .await
     }
 
     /// The newest `limit` call log entries, newest first.
@@ -798,6 +821,24 @@ impl Store {
 fn write_call_log(
     db: &Database,
     limits: &StoreLimits,
+    index: &Mutex<HashMap<IndexKey, LogKey>>,
+    entries: Vec<CallLogEntry>,
+    durable: bool,
+) -> Result<(), StoreError> {
+    // Held through the commit: the index follows the log's transactions one by one.
+    let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
+    let written = write_call_log_tx(db, limits, &mut index, entries, durable);
+    if written.is_err() {
+        // The index may hold what the failed transaction did not: read it again from the log.
+        *index = load_call_index(db).unwrap_or_default();
+    }
+    written
+}
+
+fn write_call_log_tx(
+    db: &Database,
+    limits: &StoreLimits,
+    index: &mut HashMap<IndexKey, LogKey>,
     entries: Vec<CallLogEntry>,
     durable: bool,
 ) -> Result<(), StoreError> {
@@ -807,22 +848,17 @@ fn write_call_log(
     }
     {
         let mut log = tx.open_table(CALL_LOG)?;
-        let mut index = tx.open_table(CALL_INDEX)?;
         let mut meta = tx.open_table(META)?;
         let mut seq = meta.get(KEY_CALL_SEQ)?.map(|v| v.value()).unwrap_or(0);
         for entry in entries {
             let ikey = call_index_key(&entry.call_id, entry.direction);
-            let existing = index.get(ikey.as_slice())?.map(|k| k.value().to_vec());
-            let key = match existing {
-                Some(k) => k,
-                None => {
-                    let mut k = seq.to_be_bytes().to_vec();
-                    seq += 1;
-                    k.extend_from_slice(&ikey);
-                    index.insert(ikey.as_slice(), k.as_slice())?;
-                    k
-                }
-            };
+            let key = *index.entry(ikey).or_insert_with(|| {
+                let mut k = [0u8; 25];
+                k[..8].copy_from_slice(&seq.to_be_bytes());
+                k[8..].copy_from_slice(&ikey);
+                seq += 1;
+                k
+            });
             log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
         }
         meta.insert(KEY_CALL_SEQ, seq)?;
@@ -830,12 +866,32 @@ fn write_call_log(
             let Some((k, _)) = log.pop_first()? else {
                 break;
             };
-            let k = k.value().to_vec();
-            index.remove(&k[8..])?;
+            if let Some(ikey) = index_key_of(k.value()) {
+                index.remove(&ikey);
+            }
         }
     }
     tx.commit()?;
     Ok(())
+}
+
+/// The call index of the entries in the log (see [`CallIndex`]).
+fn load_call_index(db: &Database) -> Result<HashMap<IndexKey, LogKey>, StoreError> {
+    let tx = db.begin_read()?;
+    let log = tx.open_table(CALL_LOG)?;
+    let mut index = HashMap::new();
+    for row in log.iter()? {
+        let (k, _) = row?;
+        if let (Some(ikey), Ok(key)) = (index_key_of(k.value()), LogKey::try_from(k.value())) {
+            index.insert(ikey, key);
+        }
+    }
+    Ok(index)
+}
+
+/// The `call id || direction` part of a call log key.
+fn index_key_of(key: &[u8]) -> Option<IndexKey> {
+    key.get(8..).and_then(|k| IndexKey::try_from(k).ok())
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -966,11 +1022,12 @@ fn usage_key(kind: u8, peer: &PeerId) -> Vec<u8> {
     k
 }
 
-fn call_index_key(id: &CallId, dir: Direction) -> Vec<u8> {
-    let mut k = id.0.to_vec();
-    k.push(match dir {
+fn call_index_key(id: &CallId, dir: Direction) -> IndexKey {
+    let mut k = [0u8; 17];
+    k[..16].copy_from_slice(&id.0);
+    k[16] = match dir {
         Direction::Outbound => 0,
         Direction::Inbound => 1,
-    });
+    };
     k
 }
