@@ -311,6 +311,20 @@ async fn expired_mail_is_hidden_then_purged() {
     assert_eq!(store.mail_usage(r).await.expect("usage"), (1, 10));
 }
 
+/// Call `i` (its id all `i`, started `i` ms after T0) as the log holds it.
+fn call_entry(peer: PeerId, i: u8, direction: Direction, state: CallState) -> CallLogEntry {
+    CallLogEntry {
+        call_id: CallId([i; 16]),
+        direction,
+        peer,
+        skill: SkillName::new("translate").expect("n"),
+        state,
+        error: None,
+        started_at: Timestamp(T0.0 + u64::from(i)),
+        updated_at: Timestamp(T0.0 + u64::from(i)),
+    }
+}
+
 #[tokio::test]
 async fn call_log_updates_in_place_and_drops_the_oldest() {
     let dir = tempfile::tempdir().expect("tempdir");
@@ -320,16 +334,7 @@ async fn call_log_updates_in_place_and_drops_the_oldest() {
     };
     let store = open(&dir, limits).await;
     let peer = PeerId::random();
-    let entry = |i: u8, state| CallLogEntry {
-        call_id: CallId([i; 16]),
-        direction: Direction::Inbound,
-        peer,
-        skill: SkillName::new("translate").expect("n"),
-        state,
-        error: None,
-        started_at: Timestamp(T0.0 + u64::from(i)),
-        updated_at: Timestamp(T0.0 + u64::from(i)),
-    };
+    let entry = |i: u8, state| call_entry(peer, i, Direction::Inbound, state);
     store
         .log_call(entry(1, CallState::Running))
         .await
@@ -365,16 +370,7 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
         ..Default::default()
     };
     let peer = PeerId::random();
-    let entry = |i: u8, direction, state| CallLogEntry {
-        call_id: CallId([i; 16]),
-        direction,
-        peer,
-        skill: SkillName::new("translate").expect("n"),
-        state,
-        error: None,
-        started_at: Timestamp(T0.0 + u64::from(i)),
-        updated_at: Timestamp(T0.0 + u64::from(i)),
-    };
+    let entry = |i: u8, direction, state| call_entry(peer, i, direction, state);
     {
         let store = open(&dir, limits.clone()).await;
         // One batch may start and finish a call; each direction of a call is its own entry.
