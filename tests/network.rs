@@ -296,12 +296,23 @@ async fn events_reach_every_subscriber_and_presence_lists_skills() {
     for n in &nodes {
         subs.push(n.subscribe("news").await.expect("subscribe"));
     }
-    // Gossip meshes form within a few heartbeats; until then publishing reports no peers.
-    let first = json!({"n": 1});
-    eventually(Duration::from_secs(10), || {
-        nodes[0].publish_json("news", &first)
+    // An event reaches the subscribers its publisher knows of: wait until node 0 knows both
+    // (each tells its subscriptions a moment after connecting).
+    eventually(Duration::from_secs(10), || async {
+        let known = nodes[0]
+            .subscribers("news")
+            .await
+            .map_err(|e| e.to_string())?;
+        match known.len() {
+            2 => Ok(()),
+            n => Err(format!("{n} subscribers known")),
+        }
     })
     .await;
+    nodes[0]
+        .publish_json("news", &json!({"n": 1}))
+        .await
+        .expect("publish");
     for sub in subs.iter_mut().skip(1) {
         let got = tokio::time::timeout(Duration::from_secs(10), sub.next())
             .await

@@ -50,7 +50,7 @@ pub(crate) struct Behaviour {
     pub(crate) identify: Deferred<identify::Behaviour>,
     pub(crate) ping: Toggle<Deferred<ping::Behaviour>>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
-    pub(crate) gossipsub: gossipsub::Behaviour,
+    pub(crate) gossipsub: Deferred<gossipsub::Behaviour>,
     /// Call pipes: streams handed straight to the calling and serving tasks.
     pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
@@ -64,17 +64,18 @@ pub(crate) struct Behaviour {
     pub(crate) autonat_server: autonat::v2::server::Behaviour,
 }
 
-/// How long a new connection waits for the streams ping opens, and identify on connections we
-/// dialed (`deferred.rs`). Both open a stream each way the moment a connection is made, on both
-/// nodes, in the very milliseconds the call or request the connection was made for needs the
-/// CPU. A cold call over loopback TCP (`cargo bench --bench calls -- --only cold`, 300 samples,
-/// 2026-12-06) took 1.56-1.57x plain libp2p with both at once, 1.43-1.45x so. Identify goes at
-/// once on connections others dialed: it is how a listener learns where the dialer listens and
-/// puts it in its DHT routing table. Held back there too (1.36-1.42x), a node that joined right
-/// after another did not find it in the DHT yet: a 20-node netsim run missed 12-18 % of its
-/// lookups at 50 ms (netsim/tests/smoke.rs), and at 10 ms a third node of a new mesh missed the
-/// first event in 2 of 4 runs (tests/network.rs, events). Gossipsub is not held back: a
-/// subscription it has not yet told a new peer is an event that peer misses.
+/// How long a new connection waits for the streams identify, ping and gossipsub open
+/// (`deferred.rs`). Each opens a stream each way the moment a connection is made, on both
+/// nodes, with their negotiations and first messages (identify's info, gossipsub's
+/// subscriptions and grafts), in the very milliseconds the call or request the connection was
+/// made for needs the CPU. A cold call over loopback TCP (`cargo bench --bench calls -- --only
+/// cold --net tcp`, 300 samples a run) took 1.56-1.57x plain libp2p with none held, 1.42-1.49x
+/// with ping and the dialer's identify held, 1.34-1.37x with all three held on both sides
+/// (2026-12-07). What the 10 ms cost: a listener learns where a dialer listens (for its DHT
+/// routing table) 10 ms later, and a new peer hears of our subscriptions 10 ms later, so an
+/// event published in a connection's first 10 ms may miss it (gossip never promised those).
+/// netsim's 20-node smoke run still finds all 40 lookups (p50 47-62 ms, 55 ms before). Held
+/// for 50 ms, that run missed 12-18 % of its lookups.
 const SETTLE: Duration = Duration::from_millis(10);
 
 /// How outbound streams negotiate their protocol. Lazily: a stream's first bytes go out with
@@ -245,7 +246,7 @@ fn behaviour(
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
-        identify: Deferred::dialed_only(identify, SETTLE),
+        identify: Deferred::new(identify, SETTLE),
         // A zero interval would ping without pause: zero means no pings.
         ping: (!config.network.ping_interval.is_zero())
             .then(|| {
@@ -258,7 +259,7 @@ fn behaviour(
             })
             .into(),
         kad,
-        gossipsub,
+        gossipsub: Deferred::new(gossipsub, SETTLE),
         streams: libp2p_stream::Behaviour::new(),
         mailbox,
         cards,

@@ -1,7 +1,7 @@
 //! Holds back the streams a behaviour opens on a new connection, for a moment.
 //!
-//! Every new connection makes identify and ping open a stream each way at once: their
-//! negotiations and messages, on both nodes, in the very milliseconds the stream the
+//! Every new connection makes identify, ping and gossipsub open a stream each way at once:
+//! their negotiations and messages, on both nodes, in the very milliseconds the stream the
 //! connection was made for (a skill call, a DHT request) needs the CPU. [`Deferred`] wraps such
 //! a behaviour: until a connection is `delay` old, the streams its handler asks to open wait
 //! (in order, then all go). Everything else runs as before: the handler answers what the peer
@@ -22,31 +22,16 @@ use libp2p::swarm::{
 use libp2p::{Multiaddr, PeerId};
 
 /// A behaviour whose handlers open no stream of their own until their connection is `delay`
-/// old: on every connection, or on those we dialed only.
+/// old.
 pub(crate) struct Deferred<B> {
     inner: B,
     delay: Duration,
-    dialed_only: bool,
 }
 
 impl<B> Deferred<B> {
-    /// Holds back the streams of every connection.
+    /// Holds back the streams `inner`'s handlers open, on every connection.
     pub(crate) fn new(inner: B, delay: Duration) -> Self {
-        Deferred {
-            inner,
-            delay,
-            dialed_only: false,
-        }
-    }
-
-    /// Holds back the streams of connections we dialed; on those others dialed, the handler
-    /// opens its streams at once.
-    pub(crate) fn dialed_only(inner: B, delay: Duration) -> Self {
-        Deferred {
-            inner,
-            delay,
-            dialed_only: true,
-        }
+        Deferred { inner, delay }
     }
 }
 
@@ -90,11 +75,7 @@ impl<B: NetworkBehaviour> NetworkBehaviour for Deferred<B> {
             local_addr,
             remote_addr,
         )?;
-        let delay = match self.dialed_only {
-            true => Duration::ZERO,
-            false => self.delay,
-        };
-        Ok(Handler::new(inner, delay))
+        Ok(Handler::new(inner, self.delay))
     }
 
     fn handle_pending_outbound_connection(
@@ -290,8 +271,9 @@ mod tests {
     /// How long after its connection each side's first ping succeeded: the listener's, the
     /// dialer's. A side's ping goes out on a stream it opens itself, and is answered by the
     /// other side's handler.
-    async fn first_pings(make: fn() -> Deferred<ping::Behaviour>) -> (Duration, Duration) {
-        let mut listener = swarm(make());
+    async fn first_pings(listener_delay: Duration, dialer_delay: Duration) -> (Duration, Duration) {
+        let deferred = |delay| Deferred::new(ping::Behaviour::default(), delay);
+        let mut listener = swarm(deferred(listener_delay));
         listener
             .listen_on("/ip4/127.0.0.1/tcp/0".parse().expect("addr"))
             .expect("listen");
@@ -300,7 +282,7 @@ mod tests {
                 break address;
             }
         };
-        let mut dialer = swarm(make());
+        let mut dialer = swarm(deferred(dialer_delay));
         dialer.dial(addr).expect("dial");
         let first_ping = |mut swarm: Swarm<Deferred<ping::Behaviour>>| async move {
             let mut connected = None;
@@ -333,18 +315,16 @@ mod tests {
     /// pings before the delay has passed, and both do after it.
     #[tokio::test]
     async fn streams_a_handler_opens_wait_for_the_delay() {
-        let (listener, dialer) =
-            first_pings(|| Deferred::new(ping::Behaviour::default(), DELAY)).await;
+        let (listener, dialer) = first_pings(DELAY, DELAY).await;
         assert!(listener >= DELAY, "the listener pinged after {listener:?}");
         assert!(dialer >= DELAY, "the dialer pinged after {dialer:?}");
     }
 
-    /// Deferred on dialed connections only: the listener pings at once, and the dialer, whose
-    /// own ping waits, answers it at once.
+    /// A handler whose own streams wait still answers at once what the peer opens: the
+    /// listener, not deferred, pings at once, and the deferred dialer answers it.
     #[tokio::test]
-    async fn a_dialer_answers_at_once_while_its_own_streams_wait() {
-        let (listener, dialer) =
-            first_pings(|| Deferred::dialed_only(ping::Behaviour::default(), DELAY)).await;
+    async fn a_deferred_handler_answers_at_once_while_its_own_streams_wait() {
+        let (listener, dialer) = first_pings(Duration::ZERO, DELAY).await;
         assert!(listener < DELAY, "the listener pinged after {listener:?}");
         assert!(dialer >= DELAY, "the dialer pinged after {dialer:?}");
     }

@@ -660,6 +660,15 @@ impl Node {
         .await?
     }
 
+    /// Connected peers that told us they subscribe to an application topic: those an event
+    /// published now reaches directly. A peer tells its subscriptions a moment after it
+    /// connects (`behaviour::SETTLE`, 10 ms), so one that connected just now may be missing.
+    pub async fn subscribers(&self, name: &str) -> Result<Vec<PeerId>> {
+        let topic = self.inner.mesh.app_topic(name)?;
+        self.request(|reply| Command::Subscribers { topic, reply })
+            .await
+    }
+
     /// Publishes a JSON value.
     pub async fn publish_json(&self, name: &str, value: &Value) -> Result<()> {
         self.publish(name, serde_json::to_vec(value).unwrap_or_default())

@@ -140,6 +140,10 @@ pub(crate) enum Command {
         data: Vec<u8>,
         reply: oneshot::Sender<Result<()>>,
     },
+    Subscribers {
+        topic: String,
+        reply: oneshot::Sender<Vec<PeerId>>,
+    },
     Peers {
         reply: oneshot::Sender<Vec<PeerInfo>>,
     },
@@ -564,6 +568,18 @@ impl EventLoop {
                         other => Error::Publish(other.to_string()),
                     });
                 let _ = reply.send(r);
+            }
+            Command::Subscribers { topic, reply } => {
+                let hash = IdentTopic::new(topic).hash();
+                let peers = self
+                    .swarm
+                    .behaviour()
+                    .gossipsub
+                    .all_peers()
+                    .filter(|(_, topics)| topics.contains(&&hash))
+                    .map(|(peer, _)| *peer)
+                    .collect();
+                let _ = reply.send(peers);
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.peers());
