@@ -830,7 +830,11 @@ fn write_call_log(
     let written = write_call_log_tx(db, limits, &mut index, entries, durable);
     if written.is_err() {
         // The index may hold what the failed transaction did not: read it again from the log.
-        *index = load_call_index(db).unwrap_or_default();
+        *index = load_call_index(db).unwrap_or_else(|e| {
+            // Updates then log a call's new state as a new entry instead of replacing the old.
+            tracing::warn!("call log index not reloaded: {e}");
+            HashMap::new()
+        });
     }
     written
 }
@@ -853,7 +857,7 @@ fn write_call_log_tx(
         for entry in entries {
             let ikey = call_index_key(&entry.call_id, entry.direction);
             let key = *index.entry(ikey).or_insert_with(|| {
-                let mut k = [0u8; 25];
+                let mut k = LogKey::default();
                 k[..8].copy_from_slice(&seq.to_be_bytes());
                 k[8..].copy_from_slice(&ikey);
                 seq += 1;
@@ -1023,7 +1027,7 @@ fn usage_key(kind: u8, peer: &PeerId) -> Vec<u8> {
 }
 
 fn call_index_key(id: &CallId, dir: Direction) -> IndexKey {
-    let mut k = [0u8; 17];
+    let mut k = IndexKey::default();
     k[..16].copy_from_slice(&id.0);
     k[16] = match dir {
         Direction::Outbound => 0,
