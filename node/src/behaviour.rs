@@ -19,8 +19,8 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, Transport, autonat, connection_limits, dcutr, identify,
-    mdns, memory_connection_limits, noise, ping, relay, tcp, yamux,
+    StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, dcutr, identify, mdns,
+    memory_connection_limits, noise, ping, relay, tcp, yamux,
 };
 use sha2::{Digest, Sha256};
 use skillmesh_protocol::Kind;
@@ -47,6 +47,8 @@ const CARD_REQUEST_TIMEOUT: Duration = Duration::from_secs(5);
 pub(crate) struct Behaviour {
     pub(crate) limits: connection_limits::Behaviour,
     pub(crate) memory: Toggle<memory_connection_limits::Behaviour>,
+    /// Reachability probes both ways, and the per-peer connection limit with room for them.
+    pub(crate) reach: crate::reach::Behaviour,
     pub(crate) identify: Deferred<identify::Behaviour>,
     pub(crate) ping: Toggle<Deferred<ping::Behaviour>>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
@@ -60,8 +62,6 @@ pub(crate) struct Behaviour {
     pub(crate) relay: Toggle<relay::Behaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
     pub(crate) dcutr: Toggle<dcutr::Behaviour>,
-    pub(crate) autonat: Toggle<autonat::v2::client::Behaviour>,
-    pub(crate) autonat_server: autonat::v2::server::Behaviour,
 }
 
 /// How long a new connection waits for the streams identify, ping and gossipsub open
@@ -113,7 +113,7 @@ fn behaviour(
     let limits = connection_limits::ConnectionLimits::default()
         .with_max_established_incoming(Some(hard_cap(net)))
         .with_max_established(Some(hard_cap(net).saturating_mul(2)))
-        .with_max_established_per_peer(Some(net.max_per_peer))
+        // Per peer: `reach` enforces it, with room for reachability probes' dial-backs.
         .with_max_pending_incoming(Some(net.max_pending))
         .with_max_pending_outgoing(Some(net.max_pending));
     let memory = (net.max_memory_mib > 0).then(|| {
@@ -238,14 +238,17 @@ fn behaviour(
         .nat
         .hole_punching
         .then(|| dcutr::Behaviour::new(peer_id));
-    // AutoNAT v2 tests each candidate address by asking a peer to dial it back; a configured
-    // reachability needs no test.
-    let autonat = (config.nat.reachability == Reachability::Auto)
-        .then(autonat::v2::client::Behaviour::default);
+    // A configured reachability needs no probes; every node answers others' probes.
+    let reach = crate::reach::Behaviour::new(
+        config.nat.reachability == Reachability::Auto,
+        config.nat.probe_interval,
+        net.max_per_peer,
+    );
 
     Ok(Behaviour {
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
+        reach,
         identify: Deferred::new(identify, SETTLE),
         // A zero interval would ping without pause: zero means no pings.
         ping: (!config.network.ping_interval.is_zero())
@@ -267,8 +270,6 @@ fn behaviour(
         relay: relay.into(),
         relay_client,
         dcutr: dcutr.into(),
-        autonat: autonat.into(),
-        autonat_server: autonat::v2::server::Behaviour::default(),
     })
 }
 

@@ -396,6 +396,9 @@ pub struct NatConfig {
     pub max_reservations: u32,
     /// Try to turn relayed connections into direct ones (DCUtR hole punching).
     pub hole_punching: bool,
+    /// How often `auto` reachability, once decided, is checked again (docs/reachability.md).
+    #[serde(with = "humantime_serde")]
+    pub probe_interval: Duration,
 }
 
 impl Default for NatConfig {
@@ -405,6 +408,7 @@ impl Default for NatConfig {
             relays: Vec::new(),
             max_reservations: 2,
             hole_punching: true,
+            probe_interval: Duration::from_secs(300),
         }
     }
 }
@@ -751,6 +755,11 @@ impl Config {
             )?;
         }
         mail_ttl("relay.max_mail_ttl", r.max_mail_ttl)?;
+        duration_at_least(
+            "nat.probe_interval",
+            self.nat.probe_interval,
+            Duration::from_secs(10),
+        )?;
         for (key, list) in [
             ("nat.relays", &self.nat.relays),
             ("mail.mailboxes", &self.mail.mailboxes),

@@ -124,34 +124,8 @@ pub(crate) fn build_card(
     ttl: Duration,
 ) -> Result<(AgentCard, Vec<u8>), skillmesh_protocol::EnvelopeError> {
     let now = Timestamp::now();
-    // Most useful first, since only MAX_CARD_ADDRS fit: relay circuits (the only way into a
-    // node behind NAT), then routable addresses, then loopback (of use on one host only).
-    let rank = |a: &Multiaddr| {
-        use libp2p::multiaddr::Protocol;
-        if a.iter().any(|p| matches!(p, Protocol::P2pCircuit)) {
-            0
-        } else if a.iter().any(|p| match p {
-            Protocol::Ip4(ip) => ip.is_loopback(),
-            Protocol::Ip6(ip) => ip.is_loopback(),
-            _ => false,
-        }) {
-            2
-        } else {
-            1
-        }
-    };
-    let mut seen = HashSet::new();
-    let mut addrs: Vec<Multiaddr> = addrs
-        .iter()
-        .filter(|a| dialable(a) && seen.insert((*a).clone()))
-        .cloned()
-        .collect();
-    addrs.sort_by_key(rank);
-    // Loopback addresses only help on one host; elsewhere a peer would dial itself.
-    if addrs.iter().any(|a| rank(a) < 2) {
-        addrs.retain(|a| rank(a) < 2);
-    }
-    addrs.truncate(MAX_CARD_ADDRS);
+    // What a peer elsewhere can use (`addrs.rs`).
+    let addrs = crate::addrs::for_card(addrs, MAX_CARD_ADDRS);
     let card = AgentCard {
         peer_id: signing.peer_id(),
         name: name.to_owned(),
@@ -165,16 +139,6 @@ pub(crate) fn build_card(
     };
     let bytes = envelope::seal(signing, &card)?;
     Ok((card, bytes))
-}
-
-/// Unspecified addresses (`0.0.0.0`) are for listening, not for others to dial.
-fn dialable(addr: &Multiaddr) -> bool {
-    use libp2p::multiaddr::Protocol;
-    !addr.iter().any(|p| match p {
-        Protocol::Ip4(ip) => ip.is_unspecified(),
-        Protocol::Ip6(ip) => ip.is_unspecified(),
-        _ => false,
-    })
 }
 
 /// Checks a card record: a valid, unexpired card envelope stored under its own agent's key.

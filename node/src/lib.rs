@@ -63,6 +63,7 @@
 //! - [`store`]: durable state in redb (peers, cards, skills, mailbox, call log), bounded.
 
 mod access;
+mod addrs;
 mod background;
 pub mod backing;
 mod behaviour;
@@ -80,6 +81,7 @@ pub mod mail;
 mod metrics;
 mod node;
 mod pipe;
+mod reach;
 mod skills;
 pub mod store;
 mod wire;
@@ -87,9 +89,10 @@ mod wire;
 pub use behaviour::{RawStream, RawTransport, TransportKind};
 pub use discovery::{Found, Query};
 pub use error::{Error, Result};
-pub use event_loop::{ConnectionInfo, NatStatus, PublishReport, Reach};
+pub use event_loop::{ConnectionInfo, NatStatus, Path, PublishReport, Reach, Relaying};
 pub use events::{Delivered, PeerInfo, Subscription};
 pub use mail::{Delivery, Inbox, MAX_MESSAGE_BYTES, Message, SendReport};
 pub use node::{CallOptions, LookupStats, Node, NodeBuilder, short_id};
+pub use reach::{AddrReach, Probes, ReachStatus};
 pub use skillmesh_protocol as protocol;
 pub use skills::{CallContext, HandlerError, HandlerFuture, SkillHandler};

@@ -37,7 +37,7 @@ use crate::pipe::Activity;
 use crate::skills::{self, Registry};
 
 mod nat;
-pub use nat::{ConnectionInfo, NatStatus, Reach};
+pub use nat::{ConnectionInfo, NatStatus, Path, Reach, Relaying};
 
 /// An answer to an inbound mailbox request, ready to send.
 struct Response {
@@ -1141,7 +1141,12 @@ impl EventLoop {
         match &event {
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => self.p2p_metrics.record(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
+                self.p2p_metrics.record(e);
+                if let identify::Event::Received { peer_id, info, .. } = e {
+                    self.nat_identified(*peer_id, &info.listen_addrs);
+                }
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.p2p_metrics.record(e),
             SwarmEvent::ConnectionEstablished { .. } | SwarmEvent::ConnectionClosed { .. } => {
                 self.metrics
@@ -1241,8 +1246,11 @@ impl EventLoop {
                         || b.iter().any(|e| e.node.key.preimage() == &peer_id)
                 });
                 if room {
+                    // Not its loopback or LAN addresses, unless we share its host or network.
                     for addr in info.listen_addrs {
-                        kad.add_address(&peer_id, addr);
+                        if crate::addrs::usable_from(&addr, &info.observed_addr) {
+                            kad.add_address(&peer_id, addr);
+                        }
                     }
                 }
             }
@@ -1258,7 +1266,7 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.on_kad(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Autonat(e)) => self.on_autonat(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Reach(e)) => self.on_reach(e),
             SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
             SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
             SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.on_relay(e),

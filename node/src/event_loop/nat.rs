@@ -1,10 +1,14 @@
-//! Reachability and relays: AutoNAT's verdicts, reservations on relays for a node others
-//! cannot dial, and hole punching (DESIGN §7).
+//! Reachability and relays: what the node does with the verdict of its probes
+//! (`crate::reach`), reservations on relays for a node others cannot dial, and hole punching.
+//! docs/reachability.md describes the whole of it.
 //!
 //! A private node reserves slots on up to `nat.max_reservations` relays (the configured ones,
-//! else relays found under `skillmesh/relay` in the DHT). Each reservation gives it a circuit
-//! address, which goes into its card so others can reach it through the relay; DCUtR then tries
-//! to turn each relayed connection into a direct one.
+//! else relays found under `skillmesh/relay` in the DHT); so does a node whose probes have
+//! decided nothing after [`UNDECIDED_LIMIT`] (a NAT that drops the TCP dial-backs of every
+//! probe leaves it undecided for good), and `status` says why. Each reservation gives it a
+//! circuit address, which goes into its card so others can reach it through the relay; DCUtR
+//! then tries to turn each relayed connection into a direct one. A node found public gives its
+//! reservations up.
 
 use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
@@ -14,34 +18,36 @@ use libp2p::core::transport::ListenerId;
 use libp2p::kad::{self, RecordKey};
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
-use libp2p::{Multiaddr, PeerId, autonat, dcutr, relay};
+use libp2p::{Multiaddr, PeerId, dcutr, relay};
 use serde::Serialize;
 use skillmesh_protocol::keys::relay_key;
 
 use super::{EventLoop, Pending};
 use crate::config::{KadMode, Reachability};
+pub use crate::reach::Reach;
+use crate::reach::ReachStatus;
 
 /// How often the reservation state is checked.
 const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long to wait between DHT searches for relays.
 const SEARCH_INTERVAL: Duration = Duration::from_secs(30);
-/// Failed AutoNAT tests, without one success, before a node counts itself private. AutoNAT v2
-/// tests each (address, server) pair once, so with a single server in reach one failure is
-/// all the evidence there will be; a later success makes the node public again.
-const PRIVATE_AFTER: u32 = 1;
+/// How long a node with relays known waits for a verdict before it reserves anyway.
+pub(crate) const UNDECIDED_LIMIT: Duration = Duration::from_secs(30);
 /// Relays remembered from DHT searches.
 const MAX_CANDIDATES: usize = 32;
 
-/// What this node knows of its reachability (`status` shows it).
+/// How a connection came to be.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Reach {
-    /// No verdict yet.
-    Unknown,
-    /// Others can dial it.
-    Public,
-    /// Others cannot dial it: it uses relays.
-    Private,
+#[serde(rename_all = "kebab-case")]
+pub enum Path {
+    /// Direct: this node dialed the peer.
+    Dialed,
+    /// Direct: the peer dialed this node.
+    Accepted,
+    /// Through a relay circuit.
+    Relayed,
+    /// Direct: hole punched (DCUtR) from a relayed connection.
+    HolePunched,
 }
 
 /// One connection, direct or through a relay.
@@ -55,13 +61,35 @@ pub struct ConnectionInfo {
     pub relayed: bool,
     /// Whether this node dialed it (then `addr` is one the peer listens on).
     pub outbound: bool,
+    /// How it came to be.
+    pub path: Path,
+    /// How long it is open, in milliseconds.
+    pub open_ms: u64,
+    /// For a hole-punched one: milliseconds from the first relayed connection to the peer
+    /// (this time) to this direct one.
+    pub punched_after_ms: Option<u64>,
+}
+
+/// Why a node holds (or seeks) relay reservations.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Relaying {
+    /// Probes found it private, or it is configured so.
+    Private,
+    /// Probes decided nothing in [`UNDECIDED_LIMIT`], and relays are known: it reserves rather
+    /// than stay unreachable.
+    Undecided,
 }
 
 /// A snapshot of reachability, reservations and connections.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 pub struct NatStatus {
-    /// The verdict.
+    /// The verdict (or the configured reachability).
     pub reachability: Reach,
+    /// Why it reserves on relays, when it does.
+    pub relaying: Option<Relaying>,
+    /// What the probes found, address by address (`auto` reachability).
+    pub probes: ReachStatus,
     /// Whether this node serves as a relay.
     pub relay_server: bool,
     /// Relays holding a reservation for this node, with the circuit addresses they give.
@@ -72,9 +100,19 @@ pub struct NatStatus {
     pub hole_punches: (u64, u64),
 }
 
+/// A connection as the node tracks it.
+pub(super) struct Conn {
+    info: ConnectionInfo,
+    since: Instant,
+}
+
 pub(super) struct Nat {
     reach: Reach,
-    failures: u32,
+    /// When the node first connected to anyone: the undecided wait counts from there.
+    first_connected: Option<Instant>,
+    relaying: Option<Relaying>,
+    /// Listen addresses of relays, as identify told them.
+    relay_listen: HashMap<PeerId, Vec<Multiaddr>>,
     /// Relays asked for a reservation, by listener.
     pending: HashMap<ListenerId, PeerId>,
     /// Confirmed reservations and their circuit addresses.
@@ -83,7 +121,10 @@ pub(super) struct Nat {
     searching: bool,
     last_search: Option<Instant>,
     last_check: Instant,
-    connections: HashMap<ConnectionId, ConnectionInfo>,
+    connections: HashMap<ConnectionId, Conn>,
+    /// When the first relayed connection to each peer with one opened: how long hole
+    /// punching took is measured from there.
+    relayed_since: HashMap<PeerId, Instant>,
     punched: u64,
     punch_failed: u64,
     /// Circuits this node relays now (as a relay server).
@@ -98,7 +139,9 @@ impl Nat {
                 Reachability::Public => Reach::Public,
                 Reachability::Private => Reach::Private,
             },
-            failures: 0,
+            first_connected: None,
+            relay_listen: HashMap::new(),
+            relaying: (configured == Reachability::Private).then_some(Relaying::Private),
             pending: HashMap::new(),
             reservations: HashMap::new(),
             candidates: Vec::new(),
@@ -106,6 +149,7 @@ impl Nat {
             last_search: None,
             last_check: Instant::now() - CHECK_INTERVAL,
             connections: HashMap::new(),
+            relayed_since: HashMap::new(),
             punched: 0,
             punch_failed: 0,
             circuits: 0,
@@ -139,10 +183,20 @@ impl EventLoop {
             .map(|(p, a)| (*p, a.clone()))
             .collect();
         reservations.sort_by_key(|(p, _)| p.to_bytes());
-        let mut connections: Vec<_> = self.nat.connections.values().cloned().collect();
-        connections.sort_by_key(|c| c.peer.to_bytes());
+        let mut connections: Vec<ConnectionInfo> = self
+            .nat
+            .connections
+            .values()
+            .map(|c| ConnectionInfo {
+                open_ms: u64::try_from(c.since.elapsed().as_millis()).unwrap_or(u64::MAX),
+                ..c.info.clone()
+            })
+            .collect();
+        connections.sort_by_key(|c| (c.peer.to_bytes(), c.open_ms));
         NatStatus {
             reachability: self.nat.reach,
+            relaying: self.nat.relaying,
+            probes: self.swarm.behaviour().reach.status(),
             relay_server: self.config.relay.enabled,
             reservations,
             connections,
@@ -159,21 +213,47 @@ impl EventLoop {
         let addr = endpoint.get_remote_address().clone();
         let relayed = endpoint.is_relayed();
         let outbound = endpoint.is_dialer();
+        self.nat.first_connected.get_or_insert_with(Instant::now);
+        if relayed {
+            self.nat
+                .relayed_since
+                .entry(peer)
+                .or_insert_with(Instant::now);
+        }
+        let path = match (relayed, outbound) {
+            (true, _) => Path::Relayed,
+            (false, true) => Path::Dialed,
+            (false, false) => Path::Accepted,
+        };
         self.nat.connections.insert(
             id,
-            ConnectionInfo {
-                peer,
-                addr,
-                relayed,
-                outbound,
+            Conn {
+                info: ConnectionInfo {
+                    peer,
+                    addr,
+                    relayed,
+                    outbound,
+                    path,
+                    open_ms: 0,
+                    punched_after_ms: None,
+                },
+                since: Instant::now(),
             },
         );
     }
 
     pub(super) fn nat_connection_closed(&mut self, id: ConnectionId) {
-        self.nat.connections.remove(&id);
+        if let Some(c) = self.nat.connections.remove(&id) {
+            let peer = c.info.peer;
+            if !self.nat.connections.values().any(|c| c.info.peer == peer) {
+                self.nat.relayed_since.remove(&peer);
+            }
+        }
     }
 
+    /// The node's verdict changed (or the configured reachability stands): the DHT mode
+    /// follows it. Only a verdict turns a node into a DHT client, and a verdict takes
+    /// agreeing answers from more than one probe (`crate::reach`).
     fn set_reach(&mut self, reach: Reach) {
         if self.nat.reach == reach {
             return;
@@ -191,19 +271,15 @@ impl EventLoop {
         self.nat.last_check = Instant::now() - CHECK_INTERVAL;
     }
 
-    pub(super) fn on_autonat(&mut self, event: autonat::v2::client::Event) {
-        match event.result {
-            Ok(()) => {
-                tracing::debug!(addr = %event.tested_addr, server = %event.server, "reachable");
-                self.nat.failures = 0;
-                self.set_reach(Reach::Public);
-            }
-            Err(e) => {
-                tracing::debug!(addr = %event.tested_addr, server = %event.server, "not reachable: {e}");
-                self.nat.failures += 1;
-                if self.nat.failures >= PRIVATE_AFTER && self.nat.reach != Reach::Public {
-                    self.set_reach(Reach::Private);
+    pub(super) fn on_reach(&mut self, event: crate::reach::Event) {
+        match event {
+            crate::reach::Event::Changed(reach) => {
+                if self.config.nat.reachability == Reachability::Auto {
+                    self.set_reach(reach);
                 }
+            }
+            crate::reach::Event::Served { client } => {
+                tracing::trace!(%client, "answered a reachability probe");
             }
         }
     }
@@ -255,10 +331,16 @@ impl EventLoop {
 
     pub(super) fn on_dcutr(&mut self, event: dcutr::Event) {
         match event.result {
-            Ok(_) => {
+            Ok(id) => {
                 self.nat.punched += 1;
                 let peer = event.remote_peer_id;
-                tracing::info!(%peer, "hole punched: direct connection");
+                let after = self.nat.relayed_since.get(&peer).map(|t| t.elapsed());
+                if let Some(c) = self.nat.connections.get_mut(&id) {
+                    c.info.path = Path::HolePunched;
+                    c.info.punched_after_ms =
+                        after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+                }
+                tracing::info!(%peer, ?after, "hole punched: direct connection");
                 self.close_relayed(peer);
             }
             Err(e) => {
@@ -280,7 +362,7 @@ impl EventLoop {
             .nat
             .connections
             .iter()
-            .filter(|(_, c)| c.peer == peer && c.relayed)
+            .filter(|(_, c)| c.info.peer == peer && c.info.relayed)
             .map(|(id, _)| *id)
             .collect();
         for id in relayed {
@@ -344,13 +426,82 @@ impl EventLoop {
         }
     }
 
-    /// Called from housekeeping: keeps reservations while private.
+    /// A relay's listen addresses, from identify: a QUIC one, where it has one beside the
+    /// address a reservation would use, is used instead.
+    pub(super) fn nat_identified(&mut self, peer: PeerId, listen: &[Multiaddr]) {
+        let is_relay = self.nat.candidates.contains(&peer)
+            || self
+                .config
+                .nat
+                .relays
+                .iter()
+                .any(|a| a.iter().last() == Some(Protocol::P2p(peer)));
+        if is_relay {
+            self.nat.relay_listen.insert(peer, listen.to_vec());
+        }
+    }
+
+    /// The address to reserve on `relay` through: QUIC where both sides have it (a
+    /// reservation's connection carries every relayed connection to this node, and QUIC is
+    /// what hole punching through NATs works best with: one socket, no TCP simultaneous open,
+    /// and a dial-back a NAT drops fails in the handshake's 5 s instead of a TCP timeout).
+    fn reservation_addr(&self, relay: PeerId, given: Multiaddr) -> Multiaddr {
+        let quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
+        let we_quic = self.listen_addrs.iter().any(quic);
+        if !we_quic || quic(&given) {
+            return given;
+        }
+        let ip = given
+            .iter()
+            .find(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)));
+        let found = self.nat.relay_listen.get(&relay).and_then(|addrs| {
+            addrs
+                .iter()
+                .find(|a| quic(a) && ip.is_some() && a.iter().next() == ip)
+                .cloned()
+        });
+        match found {
+            Some(a) => match a.iter().last() {
+                Some(Protocol::P2p(_)) => a,
+                _ => a.with(Protocol::P2p(relay)),
+            },
+            None => given,
+        }
+    }
+
+    /// Called from housekeeping: keeps reservations while private, or while undecided past
+    /// [`UNDECIDED_LIMIT`]; gives them up once public.
     pub(super) fn nat_check(&mut self) {
         if self.nat.last_check.elapsed() < CHECK_INTERVAL {
             return;
         }
         self.nat.last_check = Instant::now();
-        if self.nat.reach != Reach::Private {
+        let undecided_for = self.nat.first_connected.map(|t| t.elapsed());
+        let relaying = match self.nat.reach {
+            Reach::Private => Some(Relaying::Private),
+            Reach::Unknown if undecided_for.is_some_and(|d| d >= UNDECIDED_LIMIT) => {
+                Some(Relaying::Undecided)
+            }
+            _ => None,
+        };
+        if relaying != self.nat.relaying {
+            match relaying {
+                Some(Relaying::Undecided) => tracing::info!(
+                    "reachability still unknown after {}s: reserving on relays anyway",
+                    UNDECIDED_LIMIT.as_secs()
+                ),
+                Some(Relaying::Private) => tracing::info!("private: reserving on relays"),
+                None => {}
+            }
+            self.nat.relaying = relaying;
+        }
+        if relaying.is_none() {
+            if self.nat.reach == Reach::Public && !self.nat.pending.is_empty() {
+                tracing::info!("public: giving up relay reservations");
+                for id in self.nat.pending.keys() {
+                    self.swarm.remove_listener(*id);
+                }
+            }
             return;
         }
         let want = self.config.nat.max_reservations as usize;
@@ -373,8 +524,8 @@ impl EventLoop {
                 .nat
                 .connections
                 .values()
-                .find(|c| c.peer == p && c.outbound && !c.relayed)
-                .map(|c| c.addr.clone());
+                .find(|c| c.info.peer == p && c.info.outbound && !c.info.relayed)
+                .map(|c| c.info.addr.clone());
             match dialed {
                 Some(a) => {
                     let a = match a.iter().last() {
@@ -401,12 +552,13 @@ impl EventLoop {
             if relay == me || held.contains(&relay) {
                 continue;
             }
+            let addr = self.reservation_addr(relay, addr);
             match self
                 .swarm
                 .listen_on(addr.clone().with(Protocol::P2pCircuit))
             {
                 Ok(id) => {
-                    tracing::debug!(%relay, "asking for a relay reservation");
+                    tracing::debug!(%relay, %addr, "asking for a relay reservation");
                     self.nat.pending.insert(id, relay);
                     held.insert(relay);
                 }
