@@ -267,3 +267,58 @@ fn mail_between_daemons_with_send_and_inbox() {
     assert_eq!(o.status.code(), Some(EXIT_USAGE));
     one_line(&o);
 }
+
+/// The README walkthrough as a user runs it: defaults (DHT mode `auto`, two connections per
+/// peer) but for mDNS and a quicker recheck of reachability. A public node must stay public
+/// through its rechecks, so it keeps serving the DHT, and a node that knows only it and joins
+/// late still finds the skill. (Before: one refused dial-back made it private, a DHT client,
+/// and `find` failed 20 s in.)
+#[test]
+fn a_public_node_stays_public_and_a_late_joiner_finds_through_it() {
+    let walkthrough = "[network]\nmdns = false\nlisten = [\"/ip4/127.0.0.1/tcp/0\"]\n[nat]\nprobe_interval = \"10s\"\n";
+    let a = Daemon::start(
+        &format!(
+            "{walkthrough}\n[[skills]]\nname = \"upper\"\nversion = \"1.0.0\"\ncommand = [\"sh\", \"-c\", \"tr a-z A-Z\"]\n"
+        ),
+        &[],
+    );
+    let b = Daemon::start(walkthrough, &["--bootstrap", &a.addr()]);
+    let status = |d: &Daemon| json_out(&d.cli(&["--json", "status"]));
+    // Three rounds: decided, then checked again twice.
+    let start = Instant::now();
+    let s = loop {
+        let s = status(&a);
+        if s["nat"]["probes"]["probes"]["reached"].as_u64() >= Some(4) {
+            break s;
+        }
+        assert!(
+            start.elapsed() < Duration::from_secs(90),
+            "A's probes did not come back: {}",
+            s["nat"]
+        );
+        std::thread::sleep(Duration::from_millis(500));
+    };
+    assert_eq!(s["nat"]["reachability"], "public", "{}", s["nat"]);
+    assert_eq!(
+        s["nat"]["probes"]["probes"]["not_reached"], 0,
+        "{}",
+        s["nat"]
+    );
+    assert!(s["nat"]["relaying"].is_null());
+    // Its card carries what others on this host can use, and nothing else.
+    let found = json_out(&retry(|| b.cli(&["--json", "find", "upper"])));
+    for addr in found[0]["addrs"].as_array().expect("addrs") {
+        assert!(
+            addr.as_str()
+                .is_some_and(|a| a.starts_with("/ip4/127.0.0.1/")),
+            "{addr}"
+        );
+    }
+    // A late joiner that knows only A finds the skill through it (A still serves the DHT).
+    let c = Daemon::start(walkthrough, &["--bootstrap", &a.addr()]);
+    let found = json_out(&retry(|| c.cli(&["--json", "find", "upper"])));
+    assert_eq!(found[0]["peer_id"], a.info["peer_id"]);
+    let out = json_out(&c.cli(&["--json", "call", "upper", "--args", r#"{"text":"late"}"#]));
+    assert_eq!(out["output"]["TEXT"], "LATE");
+    assert_eq!(status(&a)["nat"]["reachability"], "public");
+}

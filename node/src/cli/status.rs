@@ -25,15 +25,35 @@ pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
         println!("listening: {}", a.as_str().unwrap_or("?"));
     }
     let nat = &s["nat"];
+    let probes = &nat["probes"]["probes"];
     println!(
-        "reach:     {}{}",
+        "reach:     {}{}{}",
         nat["reachability"].as_str().unwrap_or("?"),
+        match probes["sent"].as_u64() {
+            Some(n) if n > 0 => format!(
+                " ({} probes: {} reached, {} not reached, {} inconclusive)",
+                n, probes["reached"], probes["not_reached"], probes["inconclusive"]
+            ),
+            _ => String::new(),
+        },
         if nat["relay_server"].as_bool() == Some(true) {
             " (serving as a relay)"
         } else {
             ""
         }
     );
+    for a in nat["probes"]["addrs"].as_array().into_iter().flatten() {
+        println!(
+            "probed:    {} {}",
+            a["addr"].as_str().unwrap_or("?"),
+            a["reach"].as_str().unwrap_or("?")
+        );
+    }
+    match nat["relaying"].as_str() {
+        Some("undecided") => println!("relaying:  reachability still unknown; reserving anyway"),
+        Some(why) => println!("relaying:  {why}"),
+        None => {}
+    }
     for r in nat["reservations"].as_array().into_iter().flatten() {
         println!("reserved:  relay {}", r[0].as_str().unwrap_or("?"));
         for a in r[1].as_array().into_iter().flatten() {
@@ -41,14 +61,17 @@ pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
         }
     }
     for c in nat["connections"].as_array().into_iter().flatten() {
+        let path = c["path"].as_str().unwrap_or("?");
+        let how = match (path, c["punched_after_ms"].as_u64()) {
+            ("relayed", _) => "relayed".to_owned(),
+            ("hole-punched", Some(ms)) => format!("direct, hole-punched {ms} ms after relaying"),
+            (path, _) => format!("direct, {path}"),
+        };
         println!(
-            "conn:      {} {}",
+            "conn:      {} {} ({})",
             c["peer"].as_str().unwrap_or("?"),
-            if c["relayed"].as_bool() == Some(true) {
-                "relayed"
-            } else {
-                "direct"
-            }
+            c["addr"].as_str().unwrap_or("?"),
+            how
         );
     }
     for m in s["mailboxes"].as_array().into_iter().flatten() {
