@@ -42,7 +42,7 @@ mod report;
 mod run;
 mod scenario;
 
-pub use net::{DialStats, Model, NAT_WINDOW, Net, Placement};
+pub use net::{DialStats, Model, NAT_WINDOW, Nat, Net, Placement};
 pub use report::{Connections, Latency, MailOutcome, PartitionOutcome, Report, Samples};
 pub use run::{Options, run, run_with};
 pub use scenario::{Churn, MAX_NODES, Mail, Network, Partition, Scenario};

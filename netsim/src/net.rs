@@ -10,11 +10,17 @@
 //! - **Loss** as connection failures: a dial fails with a configured chance.
 //! - **Partitions**: nodes in different groups cannot dial each other, and links across groups
 //!   break when the partition starts.
-//! - **NAT**: a node behind NAT accepts an inbound dial only from a peer it dialed itself within
-//!   [`NAT_WINDOW`] (its NAT mapping), from that peer's reused port, and only if the pair's NATs
-//!   can be punched at all (a seeded coin per pair, `hole_punch` chance). DCUtR's simultaneous
-//!   dials pass; AutoNAT's dial-back, which comes from a new port, does not, so nodes behind NAT
-//!   find out on their own that they are unreachable.
+//! - **NAT**, per node ([`Nat`]), with the two behaviours the namespace test's routers have
+//!   (tests/netns_nat.rs): mapping, endpoint-independent (one outside port for every
+//!   destination, as Linux MASQUERADE keeps the source port) or endpoint-dependent (a port per
+//!   destination, as `--random-fully` and many carrier-grade NATs); and filtering that lets in
+//!   only what answers a mapping: a dial from a peer this node dialed within [`NAT_WINDOW`],
+//!   from the port this node sent to. So a dial into an endpoint-independent NAT passes when
+//!   both ends dial each other from their reused ports (DCUtR's simultaneous dials) and the
+//!   dialer's own mapping is endpoint-independent too (else its packets come from a port the
+//!   target never sent to); a dial into an endpoint-dependent NAT never passes (the port
+//!   others saw it at is not the one it opened towards the dialer). AutoNAT's dial-back comes
+//!   from a new port and never passes, so nodes behind NAT find out they are unreachable.
 //!
 //! Random choices are hashes of the seed and the pair (and the pair's dial count), so a run's
 //! faults do not depend on how tasks happen to interleave.
@@ -61,8 +67,36 @@ pub struct Model {
     pub bandwidth: u64,
     /// Chance that a dial fails.
     pub dial_failure: f64,
-    /// Chance that two nodes behind NAT (or one) can hole-punch.
-    pub hole_punch: f64,
+}
+
+/// What stands between a node and the network.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, PartialOrd, Ord, serde::Serialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Nat {
+    /// A public address: every dial comes in.
+    #[default]
+    Public,
+    /// Endpoint-independent mapping, filtering by the address and port dialed (most home
+    /// routers): hole punching works with a peer whose mapping is endpoint-independent too.
+    Independent,
+    /// Endpoint-dependent mapping (symmetric NAT): nothing dials in, not even a hole punch.
+    Dependent,
+}
+
+impl Nat {
+    /// Whether the node is behind a NAT.
+    pub fn behind(self) -> bool {
+        self != Nat::Public
+    }
+
+    /// A short name for reports.
+    pub fn label(self) -> &'static str {
+        match self {
+            Nat::Public => "public",
+            Nat::Independent => "EIM",
+            Nat::Dependent => "EDM",
+        }
+    }
 }
 
 /// Where a node sits in the model.
@@ -70,8 +104,8 @@ pub struct Model {
 pub struct Placement {
     /// Its region (an index into [`Model::latency`]).
     pub region: usize,
-    /// Behind NAT: no inbound dials except hole punches.
-    pub nat: bool,
+    /// Its NAT, if any.
+    pub nat: Nat,
 }
 
 /// Why dials failed, summed over the run.
@@ -255,14 +289,13 @@ impl Net {
             return Err(Refusal::Refused);
         };
         let mut punched = false;
-        if target.placement.nat {
-            let (lo, hi) = (from.min(to) as u64, from.max(to) as u64);
+        if target.placement.nat.behind() {
             let mapped = target
                 .mappings
                 .get(&from)
                 .is_some_and(|t| now.duration_since(*t) < NAT_WINDOW);
-            let punchable = self.draw(&[1, lo, hi]) < self.model.hole_punch;
-            if !(mapped && punchable && opts.port_use == PortUse::Reuse) {
+            let dialer = st.nodes.get(from).map_or(Nat::Public, |n| n.placement.nat);
+            if !nat_admits(target.placement.nat, mapped, dialer, opts.port_use) {
                 st.stats.nat_blocked += 1;
                 return Err(Refusal::Dropped("behind NAT"));
             }
@@ -302,6 +335,19 @@ impl Net {
         }
         st.links.push((from, to, Arc::downgrade(&shared)));
         Ok(near)
+    }
+}
+
+/// Whether a NAT of kind `target` lets a dial in from a peer behind `dialer`: `mapped`, the
+/// target dialed that peer within [`NAT_WINDOW`]; `port_use`, how the dialer dials.
+fn nat_admits(target: Nat, mapped: bool, dialer: Nat, port_use: PortUse) -> bool {
+    // The dialer's packets come from the port the target sent to only if it dials from its
+    // reused port through a mapping that keeps that port.
+    let expected_port = port_use == PortUse::Reuse && dialer != Nat::Dependent;
+    match target {
+        Nat::Public => true,
+        Nat::Independent => mapped && expected_port,
+        Nat::Dependent => false,
     }
 }
 
@@ -424,7 +470,7 @@ impl Transport for SimTransport {
             let mut st = net.lock();
             // Dialing out opens this node's NAT towards the peer.
             if let (Some(to), Some(n)) = (to, st.nodes.get_mut(from))
-                && n.placement.nat
+                && n.placement.nat.behind()
             {
                 n.mappings.retain(|_, t| t.elapsed() < NAT_WINDOW);
                 n.mappings.insert(to, Instant::now());
@@ -681,7 +727,6 @@ mod tests {
                 latency: vec![vec![Duration::ZERO]],
                 bandwidth: 0,
                 dial_failure: 0.0,
-                hole_punch: 0.7,
             },
             &[],
         );
@@ -689,5 +734,23 @@ mod tests {
         let share = draws.iter().filter(|&&d| d < 0.7).count() as f64 / draws.len() as f64;
         assert!((share - 0.7).abs() < 0.03, "{share}");
         assert_eq!(net.draw(&[1, 3, 4]), net.draw(&[1, 3, 4]));
+    }
+
+    #[test]
+    fn nats_let_in_what_the_namespace_routers_let_in() {
+        use Nat::*;
+        let reuse = PortUse::Reuse;
+        // Public: anything.
+        assert!(nat_admits(Public, false, Dependent, PortUse::New));
+        // Two endpoint-independent NATs dialing each other from their reused ports: a punch.
+        assert!(nat_admits(Independent, true, Independent, reuse));
+        assert!(nat_admits(Independent, true, Public, reuse));
+        // Unsolicited, a dial-back from a new port, or from behind a port-per-destination NAT.
+        assert!(!nat_admits(Independent, false, Independent, reuse));
+        assert!(!nat_admits(Independent, true, Public, PortUse::New));
+        assert!(!nat_admits(Independent, true, Dependent, reuse));
+        // Endpoint-dependent: nothing comes in.
+        assert!(!nat_admits(Dependent, true, Independent, reuse));
+        assert!(!nat_admits(Dependent, true, Public, reuse));
     }
 }

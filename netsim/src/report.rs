@@ -53,6 +53,22 @@ pub struct Connections {
     pub hole_punches_ok: u64,
     /// Hole punches that failed.
     pub hole_punches_failed: u64,
+    /// Connected pairs with a node behind NAT, by the kinds of the two ends.
+    pub by_nat_pair: Vec<PairDirect>,
+}
+
+/// Connected pairs of one kind of NAT pair, and how many have a direct connection.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct PairDirect {
+    /// The two ends' kinds: `public`, `EIM` (endpoint-independent mapping) or `EDM`
+    /// (endpoint-dependent).
+    pub kinds: String,
+    /// Pairs with a connection.
+    pub pairs: u64,
+    /// Of them, pairs with a direct one.
+    pub direct: u64,
+    /// Of those, pairs whose direct connection was hole-punched.
+    pub punched: u64,
 }
 
 /// What a partition did.
@@ -221,14 +237,31 @@ impl Report {
         for (e, n) in &self.call_errors {
             rows.push(("  call failure", format!("{n} x {e}")));
         }
-        rows.extend([
-            (
-                "connections",
-                format!(
-                    "{} direct, {} relayed, {} reservations; hole punches {} ok / {} failed",
-                    c.direct, c.relayed, c.reservations, c.hole_punches_ok, c.hole_punches_failed
-                ),
+        rows.extend([(
+            "connections",
+            format!(
+                "{} direct, {} relayed, {} reservations; hole punches {} ok / {} failed",
+                c.direct, c.relayed, c.reservations, c.hole_punches_ok, c.hole_punches_failed
             ),
+        )]);
+        for p in &c.by_nat_pair {
+            rows.push((
+                "  direct by NAT pair",
+                format!(
+                    "{}: {} of {} connected pairs ({}), {} hole-punched",
+                    p.kinds,
+                    p.direct,
+                    p.pairs,
+                    pct(if p.pairs == 0 {
+                        0.0
+                    } else {
+                        p.direct as f64 / p.pairs as f64
+                    }),
+                    p.punched
+                ),
+            ));
+        }
+        rows.extend([
             ("gossip delivery", pct(self.gossip_delivery)),
             ("gossip latency", lat(&self.gossip)),
             ("gossip duplicates", self.gossip_duplicates.to_string()),

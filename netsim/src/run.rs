@@ -19,7 +19,7 @@ use skillmesh::{CallContext, Delivery, HandlerError, Node, TransportKind};
 use tokio::task::JoinHandle;
 
 use crate::SimError;
-use crate::net::{Model, Net, Placement};
+use crate::net::{Model, Nat, Net, Placement};
 use crate::progress::Progress;
 use crate::report::{Latency, Report, Samples, rss_mib};
 use crate::scenario::Scenario;
@@ -105,7 +105,7 @@ impl Sim<'_> {
         // find nothing: at 15 s, both ends of 200 nodes' 14,000 connections sent ~1,900 a
         // second.
         c.network.ping_interval = Duration::from_secs(120);
-        c.dht.mode = if public || !self.placements[i].nat {
+        c.dht.mode = if public || !self.placements[i].nat.behind() {
             KadMode::Server
         } else {
             KadMode::Auto
@@ -118,7 +118,7 @@ impl Sim<'_> {
         // this, so nodes walk once, when they join.
         c.dht.refresh_interval = Duration::from_secs(3600);
         // Behind NAT a node finds out with AutoNAT, as it would for real; public nodes know.
-        c.nat.reachability = if self.placements[i].nat {
+        c.nat.reachability = if self.placements[i].nat.behind() {
             Reachability::Auto
         } else {
             Reachability::Public
@@ -339,7 +339,7 @@ fn place(s: &Scenario, rng: &mut StdRng) -> (Model, Vec<Placement>) {
     let mut placements = vec![
         Placement {
             region: 0,
-            nat: false
+            nat: Nat::Public,
         };
         s.nodes
     ];
@@ -348,14 +348,19 @@ fn place(s: &Scenario, rng: &mut StdRng) -> (Model, Vec<Placement>) {
     }
     let private: Vec<usize> = (s.public_nodes()..s.nodes).collect();
     let behind = ((private.len() as f64) * n.nat).round() as usize;
-    for &i in private.sample(rng, behind) {
-        placements[i].nat = true;
+    let behind: Vec<usize> = private.sample(rng, behind).copied().collect();
+    let dependent = ((behind.len() as f64) * n.nat_dependent).round() as usize;
+    for (k, &i) in behind.iter().enumerate() {
+        placements[i].nat = if k < dependent {
+            Nat::Dependent
+        } else {
+            Nat::Independent
+        };
     }
     let model = Model {
         latency,
         bandwidth: n.bandwidth_mbit * 1_000_000 / 8,
         dial_failure: n.dial_failure,
-        hole_punch: n.hole_punch,
     };
     (model, placements)
 }
@@ -599,7 +604,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
         scenario: s.name.clone(),
         seed: s.seed,
         nodes: s.nodes,
-        behind_nat: sim.placements.iter().filter(|p| p.nat).count(),
+        behind_nat: sim.placements.iter().filter(|p| p.nat.behind()).count(),
         startup_secs,
         discovery_success,
         discovery: Latency::of(&discovery_samples),
@@ -699,10 +704,16 @@ fn expect(events: &[(u64, usize)], to: &[usize]) -> Vec<(usize, u64)> {
         .collect()
 }
 
-/// Direct and relayed connections, counted at both ends, and hole punches.
+/// Direct and relayed connections, counted at both ends, and hole punches; and for each kind
+/// of NAT pair, how many connected pairs have a direct connection.
 async fn connection_census(sim: &Sim<'_>) -> crate::report::Connections {
     let mut c = crate::report::Connections::default();
-    for node in sim.nodes.iter().flatten() {
+    let index: HashMap<PeerId, usize> =
+        sim.peers.iter().enumerate().map(|(i, p)| (*p, i)).collect();
+    // (lower index, higher index) -> (direct, hole punched)
+    let mut pairs: HashMap<(usize, usize), (bool, bool)> = HashMap::new();
+    for (i, node) in sim.nodes.iter().enumerate() {
+        let Some(node) = node else { continue };
         if let Ok(st) = node.nat_status().await {
             for conn in &st.connections {
                 if conn.relayed {
@@ -710,12 +721,31 @@ async fn connection_census(sim: &Sim<'_>) -> crate::report::Connections {
                 } else {
                     c.direct += 1;
                 }
+                if let Some(&j) = index.get(&conn.peer) {
+                    let pair = pairs.entry((i.min(j), i.max(j))).or_default();
+                    pair.0 |= !conn.relayed;
+                    pair.1 |= conn.path == skillmesh::Path::HolePunched;
+                }
             }
             c.reservations += st.reservations.len() as u64;
             c.hole_punches_ok += st.hole_punches.0;
             c.hole_punches_failed += st.hole_punches.1;
         }
     }
+    let mut by_kind: std::collections::BTreeMap<(Nat, Nat), crate::report::PairDirect> =
+        std::collections::BTreeMap::new();
+    for ((i, j), (direct, punched)) in pairs {
+        let (a, b) = (sim.placements[i].nat, sim.placements[j].nat);
+        if !a.behind() && !b.behind() {
+            continue;
+        }
+        let e = by_kind.entry((a.min(b), a.max(b))).or_default();
+        e.kinds = format!("{}-{}", a.min(b).label(), a.max(b).label());
+        e.pairs += 1;
+        e.direct += u64::from(direct);
+        e.punched += u64::from(punched);
+    }
+    c.by_nat_pair = by_kind.into_values().collect();
     c
 }
 

@@ -95,11 +95,12 @@ pub struct Network {
     pub bandwidth_mbit: u64,
     /// Chance that a dial fails.
     pub dial_failure: f64,
-    /// Share of the non-public nodes behind NAT: they accept no inbound dials and must use
-    /// relays.
+    /// Share of the non-public nodes behind NAT: they accept no inbound dials but hole
+    /// punches, and are reached through relays until then.
     pub nat: f64,
-    /// Chance that hole punching works for a pair.
-    pub hole_punch: f64,
+    /// Of the nodes behind NAT, the share whose NAT maps endpoint-dependently (a port per
+    /// destination): nobody can hole-punch to them. The others map endpoint-independently.
+    pub nat_dependent: f64,
 }
 
 impl Default for Network {
@@ -111,7 +112,7 @@ impl Default for Network {
             bandwidth_mbit: 100,
             dial_failure: 0.0,
             nat: 0.0,
-            hole_punch: 0.7,
+            nat_dependent: 0.2,
         }
     }
 }
@@ -209,7 +210,7 @@ impl Scenario {
         for (what, p) in [
             ("network.dial_failure", n.dial_failure),
             ("network.nat", n.nat),
-            ("network.hole_punch", n.hole_punch),
+            ("network.nat_dependent", n.nat_dependent),
         ] {
             if !(0.0..=1.0).contains(&p) {
                 return bad(format!("{what} = {p}: must be 0 to 1"));

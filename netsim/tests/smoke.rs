@@ -39,6 +39,17 @@ async fn faults_30_nat_partition_and_mail() {
     // were hole-punched, and the model blocked direct dials into NATs.
     assert!(report.connections.reservations > 0, "{report:?}");
     assert!(report.dials.nat_blocked > 0, "{report:?}");
+    // Pairs behind endpoint-independent NATs connect directly; nothing gets through an
+    // endpoint-dependent NAT to a peer behind another NAT.
+    let pairs = &report.connections.by_nat_pair;
+    let eim = pairs.iter().find(|p| p.kinds == "EIM-EIM");
+    assert!(eim.is_some_and(|p| p.direct > 0), "{pairs:?}");
+    for p in pairs
+        .iter()
+        .filter(|p| p.kinds == "EIM-EDM" || p.kinds == "EDM-EDM")
+    {
+        assert_eq!(p.direct, 0, "{pairs:?}");
+    }
     let p = report.partition.as_ref().expect("partition phase");
     assert_eq!(p.cross_deliveries, 0, "{report:?}");
     assert!(p.inside_delivery >= 0.99, "{report:?}");

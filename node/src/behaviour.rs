@@ -19,7 +19,7 @@ use libp2p::request_response::{self, ProtocolSupport};
 use libp2p::swarm::NetworkBehaviour;
 use libp2p::swarm::behaviour::toggle::Toggle;
 use libp2p::{
-    StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, dcutr, identify, mdns,
+    StreamProtocol, Swarm, SwarmBuilder, Transport, connection_limits, identify, mdns,
     memory_connection_limits, noise, ping, relay, tcp, yamux,
 };
 use sha2::{Digest, Sha256};
@@ -61,7 +61,7 @@ pub(crate) struct Behaviour {
     pub(crate) mdns: Toggle<mdns::tokio::Behaviour>,
     pub(crate) relay: Toggle<relay::Behaviour>,
     pub(crate) relay_client: relay::client::Behaviour,
-    pub(crate) dcutr: Toggle<dcutr::Behaviour>,
+    pub(crate) dcutr: Toggle<crate::punch::Punch>,
 }
 
 /// How long a new connection waits for the streams identify, ping and gossipsub open
@@ -237,7 +237,7 @@ fn behaviour(
     let dcutr = config
         .nat
         .hole_punching
-        .then(|| dcutr::Behaviour::new(peer_id));
+        .then(|| crate::punch::Punch::new(peer_id));
     // A configured reachability needs no probes; every node answers others' probes.
     let reach = crate::reach::Behaviour::new(
         config.nat.reachability == Reachability::Auto,

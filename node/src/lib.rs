@@ -81,6 +81,7 @@ pub mod mail;
 mod metrics;
 mod node;
 mod pipe;
+mod punch;
 mod reach;
 mod skills;
 pub mod store;

@@ -390,7 +390,7 @@ impl NetworkBehaviour for Behaviour {
     fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
         match event {
             FromSwarm::NewExternalAddrCandidate(NewExternalAddrCandidate { addr })
-                if self.probing && !is_relayed(addr) =>
+                if self.probing && crate::punch::has_transport(addr) =>
             {
                 self.verdicts.seen(addr, Instant::now());
             }
