@@ -236,13 +236,16 @@ fn wait_for<T>(what: &str, within: Duration, mut f: impl FnMut() -> Result<T, St
 enum Net {
     Tcp,
     Quic,
+    /// Both: reservations must use QUIC.
+    Both,
 }
 
 impl Net {
     fn listen(self, ip: &str) -> String {
         match self {
-            Net::Tcp => format!("/ip4/{ip}/tcp/4001"),
-            Net::Quic => format!("/ip4/{ip}/udp/4001/quic-v1"),
+            Net::Tcp => format!("\"/ip4/{ip}/tcp/4001\""),
+            Net::Quic => format!("\"/ip4/{ip}/udp/4001/quic-v1\""),
+            Net::Both => format!("\"/ip4/{ip}/tcp/4001\", \"/ip4/{ip}/udp/4001/quic-v1\""),
         }
     }
 }
@@ -302,7 +305,7 @@ fn start(t: &Topology, ns: &str, name: &'static str, config: String, extra: &[&s
 
 fn agent(name: &str, net: Net, relay: &str) -> String {
     format!(
-        "[node]\nname = \"{name}\"\n[network]\nmdns = false\nlisten = [\"{}\"]\nbootstrap = [\"{relay}\"]\n\
+        "[node]\nname = \"{name}\"\n[network]\nmdns = false\nlisten = [{}]\nbootstrap = [\"{relay}\"]\n\
          [nat]\nreachability = \"auto\"\nrelays = [\"{relay}\"]\n\
          [mail]\nmailboxes = [\"{relay}\"]\nfetch_interval = \"1s\"\ndirect_timeout = \"3s\"\n\
          [[skills]]\nname = \"echo-{name}\"\nversion = \"1.0.0\"\ncommand = [\"cat\"]\n",
@@ -389,7 +392,11 @@ fn matrix(net: Net) {
     let tag = format!(
         "{}{}",
         std::process::id() % 10_000,
-        if net == Net::Tcp { "t" } else { "q" }
+        match net {
+            Net::Tcp => "t",
+            Net::Quic => "q",
+            Net::Both => "x",
+        }
     );
     let t = build(&tag).unwrap_or_else(|e| panic!("cannot build the namespaces: {e}"));
 
@@ -398,12 +405,20 @@ fn matrix(net: Net) {
         "inet",
         "relay",
         format!(
-            "[network]\nmdns = false\nlisten = [\"{}\"]\n[dht]\nmode = \"server\"\n[nat]\nreachability = \"public\"\n",
+            "[network]\nmdns = false\nlisten = [{}]\n[dht]\nmode = \"server\"\n[nat]\nreachability = \"public\"\n",
             net.listen("198.18.0.1")
         ),
         &["--relay"],
     );
-    let relay_addr = relay.daemon.addr();
+    // Given by its TCP address where it has one: a reservation must find QUIC by itself.
+    let relay_addr = relay.daemon.info["listen_addrs"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .filter_map(Value::as_str)
+        .find(|a| net == Net::Quic || a.contains("/tcp/"))
+        .expect("relay address")
+        .to_owned();
     let public = start(&t, "pub", "pub", agent("pub", net, &relay_addr), &[]);
     let a = start(&t, "a", "a", agent("a", net, &relay_addr), &[]);
     let b = start(&t, "b", "b", agent("b", net, &relay_addr), &[]);
@@ -440,6 +455,19 @@ fn matrix(net: Net) {
     // Two endpoint-independent NATs: relayed first, then hole punched.
     b.call("echo-a", &a);
     let ab = punched(&a, &b);
+    if net == Net::Both {
+        // Reservations go over QUIC, though the relay was given by its TCP address.
+        let s = a.status();
+        let circuits = s["reservations"][0][1].to_string();
+        assert!(circuits.contains("/quic-v1"), "{s}");
+        let direct: Vec<String> = a
+            .conns(&b)
+            .into_iter()
+            .filter(|c| c["relayed"] == false)
+            .filter_map(|c| c["addr"].as_str().map(str::to_owned))
+            .collect();
+        println!("Both: a <-> b punched over {direct:?}");
+    }
     a.call("echo-b", &b);
     b.call("echo-a", &a);
     println!("{net:?}: a <-> b (EIM, EIM) direct, {ab:?} ms after relaying");
@@ -506,4 +534,9 @@ fn nat_matrix_over_tcp() {
 #[test]
 fn nat_matrix_over_quic() {
     matrix(Net::Quic);
+}
+
+#[test]
+fn nat_matrix_over_tcp_and_quic_reserves_over_quic() {
+    matrix(Net::Both);
 }

@@ -31,6 +31,8 @@ use crate::reach::ReachStatus;
 const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 /// How long to wait between DHT searches for relays.
 const SEARCH_INTERVAL: Duration = Duration::from_secs(30);
+/// How long a reservation waits for a connected relay's identify, to learn its QUIC address.
+const IDENTIFY_WAIT: Duration = Duration::from_secs(3);
 /// How long a node with relays known waits for a verdict before it reserves anyway.
 pub(crate) const UNDECIDED_LIMIT: Duration = Duration::from_secs(30);
 /// Relays remembered from DHT searches.
@@ -550,6 +552,24 @@ impl EventLoop {
                 break;
             }
             if relay == me || held.contains(&relay) {
+                continue;
+            }
+            // Where both could use QUIC, wait a moment for the relay's identify to say whether
+            // it has it (a connected relay answers within milliseconds).
+            let connected_for = self
+                .nat
+                .connections
+                .values()
+                .filter(|c| c.info.peer == relay)
+                .map(|c| c.since.elapsed())
+                .max();
+            if self
+                .listen_addrs
+                .iter()
+                .any(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
+                && !self.nat.relay_listen.contains_key(&relay)
+                && connected_for.is_some_and(|d| d < IDENTIFY_WAIT)
+            {
                 continue;
             }
             let addr = self.reservation_addr(relay, addr);

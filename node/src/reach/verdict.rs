@@ -225,7 +225,7 @@ impl Verdicts {
     /// Probes to make now: an address not yet decided (or whose newest answer disagrees with
     /// its state) is probed by up to [`CONFIRMATIONS`] servers at once, again as soon as an
     /// answer comes, and after a backoff when answers are inconclusive; a decided one is
-    /// checked again every `recheck`. The most reported addresses first.
+    /// checked again every `recheck`. QUIC addresses first, then the most reported.
     pub(crate) fn due(&self, now: Instant, recheck: Duration) -> Vec<Due> {
         let mut due: Vec<(&Multiaddr, &Candidate)> = self
             .addrs
@@ -243,7 +243,13 @@ impl Verdicts {
                 waited && (c.contested() || !fresh) && c.probing.len() < CONFIRMATIONS
             })
             .collect();
-        due.sort_by_key(|(_, c)| std::cmp::Reverse(c.score));
+        // QUIC first: a dial-back into a NAT that drops it fails in the server's QUIC
+        // handshake, where TCP's outlasts the server's timeout and says nothing.
+        let quic = |a: &Multiaddr| {
+            a.iter()
+                .any(|p| matches!(p, libp2p::multiaddr::Protocol::QuicV1))
+        };
+        due.sort_by_key(|(a, c)| (!quic(a), std::cmp::Reverse(c.score)));
         due.into_iter()
             .map(|(addr, c)| {
                 let want = if c.contested() { CONFIRMATIONS } else { 1 };
