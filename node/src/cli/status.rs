@@ -65,6 +65,7 @@ pub(crate) async fn status(ctx: &Context) -> Result<(), CliError> {
         let how = match (path, c["punched_after_ms"].as_u64()) {
             ("relayed", _) => "relayed".to_owned(),
             ("hole-punched", Some(ms)) => format!("direct, hole-punched {ms} ms after relaying"),
+            ("reversed", _) => "direct, dialed back after it came through a relay".to_owned(),
             (path, _) => format!("direct, {path}"),
         };
         println!(

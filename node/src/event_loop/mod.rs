@@ -1139,6 +1139,9 @@ impl EventLoop {
         use libp2p::metrics::Recorder;
         self.p2p_metrics.record(&event);
         match &event {
+            SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
+                self.nat_dial_failed(*connection_id);
+            }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {

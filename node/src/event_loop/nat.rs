@@ -35,6 +35,8 @@ const SEARCH_INTERVAL: Duration = Duration::from_secs(30);
 const IDENTIFY_WAIT: Duration = Duration::from_secs(3);
 /// How long a node with relays known waits for a verdict before it reserves anyway.
 pub(crate) const UNDECIDED_LIMIT: Duration = Duration::from_secs(30);
+/// Reversal dials tracked at once (each ends within a dial timeout).
+const MAX_REVERSALS: usize = 256;
 /// Relays remembered from DHT searches.
 const MAX_CANDIDATES: usize = 32;
 
@@ -50,6 +52,9 @@ pub enum Path {
     Relayed,
     /// Direct: hole punched (DCUtR) from a relayed connection.
     HolePunched,
+    /// Direct: this node dialed a peer that had reached it through a relay (a connection
+    /// reversal: the peer is dialable, this node is not).
+    Reversed,
 }
 
 /// One connection, direct or through a relay.
@@ -115,6 +120,8 @@ pub(super) struct Nat {
     relaying: Option<Relaying>,
     /// Listen addresses of relays, as identify told them.
     relay_listen: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Dials that reverse a relayed connection, until they connect or fail.
+    reversals: HashSet<ConnectionId>,
     /// Relays asked for a reservation, by listener.
     pending: HashMap<ListenerId, PeerId>,
     /// Confirmed reservations and their circuit addresses.
@@ -143,6 +150,7 @@ impl Nat {
             },
             first_connected: None,
             relay_listen: HashMap::new(),
+            reversals: HashSet::new(),
             relaying: (configured == Reachability::Private).then_some(Relaying::Private),
             pending: HashMap::new(),
             reservations: HashMap::new(),
@@ -222,8 +230,10 @@ impl EventLoop {
                 .entry(peer)
                 .or_insert_with(Instant::now);
         }
+        let reversed = self.nat.reversals.remove(&id);
         let path = match (relayed, outbound) {
             (true, _) => Path::Relayed,
+            (false, true) if reversed => Path::Reversed,
             (false, true) => Path::Dialed,
             (false, false) => Path::Accepted,
         };
@@ -242,6 +252,52 @@ impl EventLoop {
                 since: Instant::now(),
             },
         );
+        if relayed && !outbound {
+            self.reverse(peer);
+        } else if reversed {
+            tracing::debug!(%peer, "connection reversed: direct");
+            self.close_relayed(peer);
+        }
+    }
+
+    /// A peer reached this node through a relay: if it has addresses of its own that are not
+    /// circuits (a public node calling one behind NAT), dial it directly. Hole punching cannot
+    /// make that connection when this node's NAT maps a port per destination: its dial then
+    /// reaches the peer as a plain inbound connection while DCUtR has both ends act as the
+    /// listener, and the handshake never completes (netsim: no public-EDM pair was ever
+    /// punched).
+    fn reverse(&mut self, peer: PeerId) {
+        let mut addrs: Vec<Multiaddr> = self
+            .presence
+            .get(&peer)
+            .map(|p| p.card.addrs.clone())
+            .unwrap_or_default();
+        if let Some(bucket) = self.swarm.behaviour_mut().kad.kbucket(peer)
+            && let Some(entry) = bucket.iter().find(|e| e.node.key.preimage() == &peer)
+        {
+            addrs.extend(entry.node.value.iter().cloned());
+        }
+        addrs.retain(|a| !is_relayed(a) && crate::punch::has_transport(a));
+        addrs.dedup();
+        if addrs.is_empty() {
+            return;
+        }
+        let opts = libp2p::swarm::dial_opts::DialOpts::peer_id(peer)
+            .addresses(addrs)
+            .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
+            .build();
+        let id = opts.connection_id();
+        if self.swarm.dial(opts).is_ok() {
+            if self.nat.reversals.len() >= MAX_REVERSALS {
+                self.nat.reversals.clear();
+            }
+            self.nat.reversals.insert(id);
+        }
+    }
+
+    /// A dial failed: if it was a reversal, it is over.
+    pub(super) fn nat_dial_failed(&mut self, id: ConnectionId) {
+        self.nat.reversals.remove(&id);
     }
 
     pub(super) fn nat_connection_closed(&mut self, id: ConnectionId) {

@@ -11,8 +11,8 @@
 //! would count against `network.max_per_peer` on both sides; one refused was enough to make a
 //! public node private. This behaviour enforces that limit itself and lets a dial-back in
 //! above it: on the client, an inbound connection from a server with a probe of ours in
-//! flight; on the server, the connection its own dial-back made. Such a connection is closed
-//! when its probe is done, if the peer is still above the limit. docs/reachability.md says how
+//! flight; on the server, the connection its own dial-back made. The dial-back's connection
+//! is closed when its probe is done, if the peer is still above the limit. docs/reachability.md says how
 //! the verdict drives the rest of the node.
 
 mod handler;
@@ -97,6 +97,23 @@ pub(crate) enum Event {
     },
 }
 
+/// A connection let in above the per-peer limit.
+struct Extra {
+    peer: PeerId,
+    since: Instant,
+    kind: ExtraKind,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum ExtraKind {
+    /// Came in from a server while our probe was in flight: maybe its dial-back.
+    Inbound,
+    /// A server's dial-back came on it: closed once our probe is answered.
+    TheirDialBack,
+    /// Our server's dial-back: closed once we have answered the probe.
+    OurDialBack,
+}
+
 struct Probe {
     server: PeerId,
     connection: ConnectionId,
@@ -124,8 +141,8 @@ pub(crate) struct Behaviour {
     max_per_peer: u32,
     /// Open connections per peer, and whether each is relayed.
     established: HashMap<PeerId, Vec<(ConnectionId, bool)>>,
-    /// Connections let in above the per-peer limit, with their peer and when.
-    extra: HashMap<ConnectionId, (PeerId, Instant)>,
+    /// Connections let in above the per-peer limit.
+    extra: HashMap<ConnectionId, Extra>,
     /// The server's dial-backs while they are being dialed.
     dialing_back: HashMap<ConnectionId, Instant>,
     tick: Pin<Box<tokio::time::Sleep>>,
@@ -172,20 +189,27 @@ impl Behaviour {
         self.established.get(peer).map_or(0, Vec::len) >= self.max_per_peer as usize
     }
 
-    /// Closes the connections to `peer` let in above the limit, while it is still above it.
-    fn close_extra(&mut self, peer: PeerId, all: bool) {
+    /// Closes the dial-back connections of `kind` to `peer` (all of them, or those older than
+    /// [`EXTRA_FOR`]) while the peer is above the limit, and forgets the rest of its extra
+    /// connections that are done with: a connection that merely came in during a probe stays.
+    fn close_extra(&mut self, peer: PeerId, kind: ExtraKind, all: bool) {
         let now = Instant::now();
-        let mut ids: Vec<ConnectionId> = self
+        let mut ids: Vec<(ConnectionId, ExtraKind)> = self
             .extra
             .iter()
-            .filter(|(_, (p, t))| *p == peer && (all || now.duration_since(*t) >= EXTRA_FOR))
-            .map(|(id, _)| *id)
+            .filter(|(_, e)| {
+                e.peer == peer
+                    && (all || now.duration_since(e.since) >= EXTRA_FOR)
+                    && (e.kind == kind
+                        || (kind == ExtraKind::TheirDialBack && e.kind == ExtraKind::Inbound))
+            })
+            .map(|(id, e)| (*id, e.kind))
             .collect();
-        ids.sort_unstable();
+        ids.sort_unstable_by_key(|(id, _)| *id);
         let mut count = self.established.get(&peer).map_or(0, Vec::len);
-        for id in ids.into_iter().rev() {
+        for (id, k) in ids.into_iter().rev() {
             self.extra.remove(&id);
-            if count > self.max_per_peer as usize {
+            if k != ExtraKind::Inbound && count > self.max_per_peer as usize {
                 count -= 1;
                 self.events.push_back(ToSwarm::CloseConnection {
                     peer_id: peer,
@@ -223,7 +247,12 @@ impl Behaviour {
                     break;
                 }
                 let server = *pool[rand::random_range(0..pool.len())];
-                let Some(&connection) = self.servers.get(&server).and_then(|c| c.first()) else {
+                // Not over a connection let in for a probe: it closes when that probe is done.
+                let Some(&connection) = self
+                    .servers
+                    .get(&server)
+                    .and_then(|c| c.iter().find(|id| !self.extra.contains_key(id)))
+                else {
                     break;
                 };
                 let nonce: u64 = rand::random();
@@ -295,7 +324,7 @@ impl Behaviour {
             self.events
                 .push_back(ToSwarm::GenerateEvent(Event::Changed(reach)));
         }
-        self.close_extra(probe.server, true);
+        self.close_extra(probe.server, ExtraKind::TheirDialBack, true);
         // The next probe of an undecided address goes at once.
         self.tick.as_mut().reset(tokio::time::Instant::now());
     }
@@ -315,7 +344,14 @@ impl Behaviour {
             return Ok(());
         }
         if dial_back {
-            self.extra.insert(id, (peer, Instant::now()));
+            self.extra.insert(
+                id,
+                Extra {
+                    peer,
+                    since: Instant::now(),
+                    kind: ExtraKind::Inbound,
+                },
+            );
             return Ok(());
         }
         let only_relayed = self
@@ -381,9 +417,21 @@ impl NetworkBehaviour for Behaviour {
     ) -> Result<THandler<Self>, ConnectionDenied> {
         let dial_back = self.dialing_back.remove(&id).is_some();
         self.admit(id, peer, dial_back, is_relayed(addr))?;
-        let server = self
-            .server
-            .handle_established_outbound_connection(id, peer, addr, role, port_use)?;
+        if dial_back && let Some(e) = self.extra.get_mut(&id) {
+            e.kind = ExtraKind::OurDialBack;
+        }
+        // libp2p's server answers probes only on connections the client dialed, so a node
+        // that had only been dialed by its peers could never probe (the README walkthrough's
+        // first node, when the second dialed it twice: undecided for a minute, until those
+        // connections closed). We answer on the connections we dialed too; there the address
+        // we dialed is the one the client is seen at. Our own dial-backs keep their handler.
+        let server = if dial_back {
+            self.server
+                .handle_established_outbound_connection(id, peer, addr, role, port_use)?
+        } else {
+            self.server
+                .handle_established_inbound_connection(id, peer, addr, addr)?
+        };
         Ok(handler::Handler::new().select(server))
     }
 
@@ -482,10 +530,15 @@ impl NetworkBehaviour for Behaviour {
                     self.answered(nonce, answer);
                 }
             }
-            Either::Left(ToBehaviour::DialBack { nonce }) => match self.probes.get_mut(&nonce) {
-                Some(p) if p.server == peer => p.dialed_back = true,
-                _ => tracing::debug!(%peer, "a dial-back with a nonce of no probe of ours"),
-            },
+            Either::Left(ToBehaviour::DialBack { nonce }) => {
+                if let Some(e) = self.extra.get_mut(&connection) {
+                    e.kind = ExtraKind::TheirDialBack;
+                }
+                match self.probes.get_mut(&nonce) {
+                    Some(p) if p.server == peer => p.dialed_back = true,
+                    _ => tracing::debug!(%peer, "a dial-back with a nonce of no probe of ours"),
+                }
+            }
             Either::Right(e) => self.server.on_connection_handler_event(peer, connection, e),
         }
     }
@@ -508,7 +561,7 @@ impl NetworkBehaviour for Behaviour {
                             result = ?served.result,
                             "answered a reachability probe"
                         );
-                        self.close_extra(served.client, true);
+                        self.close_extra(served.client, ExtraKind::OurDialBack, true);
                     }
                     _ => {}
                 }
@@ -525,11 +578,12 @@ impl NetworkBehaviour for Behaviour {
                 let stale: HashSet<PeerId> = self
                     .extra
                     .values()
-                    .filter(|(_, t)| now.duration_since(*t) >= EXTRA_FOR)
-                    .map(|(p, _)| *p)
+                    .filter(|e| now.duration_since(e.since) >= EXTRA_FOR)
+                    .map(|e| e.peer)
                     .collect();
                 for peer in stale {
-                    self.close_extra(peer, false);
+                    self.close_extra(peer, ExtraKind::TheirDialBack, false);
+                    self.close_extra(peer, ExtraKind::OurDialBack, false);
                 }
                 continue;
             }
