@@ -9,7 +9,7 @@ mod common;
 
 use common::daemon::{BIN, Daemon, cli, json_out, one_line};
 
-/// Exit codes documented in the README.
+/// Exit codes documented in docs/cli.md.
 const EXIT_USAGE: i32 = 2;
 const EXIT_NO_DAEMON: i32 = 3;
 const EXIT_NOT_FOUND: i32 = 4;

@@ -14,7 +14,7 @@
 //! Scale, honestly: 40 nodes with NAT, partitions or mail and 100 nodes without faults run in
 //! under a minute; at 200 nodes the run is CPU-bound on two cores (a hundred thousand dials,
 //! each a Noise handshake) and lookups time out, so the 200- to 1,000-node scenarios are shipped
-//! but do not pass yet (see the README's netsim section).
+//! but do not pass yet (see docs/netsim.md).
 //!
 //! ```
 //! # #[tokio::main(flavor = "multi_thread")]
