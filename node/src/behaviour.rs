@@ -319,6 +319,14 @@ pub(crate) fn build_swarm(
 ) -> Result<Swarm<Behaviour>, Error> {
     let transport_err = |e: &dyn std::fmt::Display| Error::Transport(e.to_string());
     let idle = config.network.idle_timeout;
+    // The same swarm settings whatever the transport: netsim and the memory-transport tests
+    // run what the daemon runs. (They had drifted: only the TCP/QUIC swarm set the buffers.)
+    let settings = |c: libp2p::swarm::Config| {
+        c.with_idle_connection_timeout(idle)
+            .with_substream_upgrade_protocol_override(STREAMS)
+            .with_per_connection_event_buffer_size(64)
+            .with_notify_handler_buffer_size(NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN))
+    };
     let tcp_config = tcp::Config::default().nodelay(true);
     let raw: Option<Boxed<Box<dyn RawStream>>> = match kind {
         TransportKind::Network => None,
@@ -346,10 +354,7 @@ pub(crate) fn build_swarm(
             .map_err(|e| transport_err(&e))?
             .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
             .map_err(|e| transport_err(&e))?
-            .with_swarm_config(|c| {
-                c.with_idle_connection_timeout(idle)
-                    .with_substream_upgrade_protocol_override(STREAMS)
-            })
+            .with_swarm_config(settings)
             .build());
     }
     let swarm = match config.mesh.psk_bytes() {
@@ -364,14 +369,7 @@ pub(crate) fn build_swarm(
             .map_err(|e| transport_err(&e))?
             .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
             .map_err(|e| transport_err(&e))?
-            .with_swarm_config(|c| {
-                c.with_idle_connection_timeout(idle)
-                    .with_substream_upgrade_protocol_override(STREAMS)
-                    .with_per_connection_event_buffer_size(64)
-                    .with_notify_handler_buffer_size(
-                        NonZeroUsize::new(64).unwrap_or(NonZeroUsize::MIN),
-                    )
-            })
+            .with_swarm_config(settings)
             .build(),
         Some(psk) => {
             let psk = PreSharedKey::new(psk);
@@ -395,10 +393,7 @@ pub(crate) fn build_swarm(
                 .map_err(|e| transport_err(&e))?
                 .with_behaviour(|key, relay| behaviour(key, config, relay).map_err(Box::from))
                 .map_err(|e| transport_err(&e))?
-                .with_swarm_config(|c| {
-                    c.with_idle_connection_timeout(idle)
-                        .with_substream_upgrade_protocol_override(STREAMS)
-                })
+                .with_swarm_config(settings)
                 .build()
         }
     };
