@@ -52,7 +52,8 @@ pub(crate) struct Behaviour {
     pub(crate) identify: Deferred<identify::Behaviour>,
     pub(crate) ping: Toggle<Deferred<ping::Behaviour>>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
-    pub(crate) gossipsub: Deferred<gossipsub::Behaviour>,
+    /// Its streams leave keeping a connection open to its meshes (`gossip.rs`).
+    pub(crate) gossipsub: Deferred<crate::gossip::Gossip>,
     /// Call pipes: streams handed straight to the calling and serving tasks.
     pub(crate) streams: libp2p_stream::Behaviour,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
@@ -262,7 +263,7 @@ fn behaviour(
             })
             .into(),
         kad,
-        gossipsub: Deferred::new(gossipsub, SETTLE),
+        gossipsub: Deferred::new(crate::gossip::Gossip::new(gossipsub), SETTLE),
         streams: libp2p_stream::Behaviour::new(),
         mailbox,
         cards,

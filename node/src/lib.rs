@@ -76,6 +76,7 @@ mod discovery;
 mod error;
 mod event_loop;
 mod events;
+mod gossip;
 pub mod identity;
 pub mod mail;
 mod metrics;
