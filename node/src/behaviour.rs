@@ -55,7 +55,7 @@ pub(crate) struct Behaviour {
     /// Its streams leave keeping a connection open to its meshes (`gossip.rs`).
     pub(crate) gossipsub: Deferred<crate::gossip::Gossip>,
     /// Call pipes: streams handed straight to the calling and serving tasks.
-    pub(crate) streams: libp2p_stream::Behaviour,
+    pub(crate) streams: crate::pipe::Streams,
     pub(crate) mailbox: request_response::Behaviour<FrameCodec>,
     /// Cards asked of their agents directly: one request instead of a DHT walk per agent found.
     pub(crate) cards: request_response::Behaviour<FrameCodec>,
@@ -264,7 +264,7 @@ fn behaviour(
             .into(),
         kad,
         gossipsub: Deferred::new(crate::gossip::Gossip::new(gossipsub), SETTLE),
-        streams: libp2p_stream::Behaviour::new(),
+        streams: crate::pipe::Streams::new(),
         mailbox,
         cards,
         mdns: mdns.into(),

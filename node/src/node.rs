@@ -132,12 +132,16 @@ impl NodeBuilder {
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
         // Every log line of this node names it: tests and netsim run many nodes in one process.
         let span = tracing::info_span!("node", peer = %short_id(&signing.peer_id()));
-        let control = swarm.behaviour().streams.new_control();
+        let control = swarm.behaviour().streams.control();
+        let incoming =
+            swarm.behaviour_mut().streams.incoming().ok_or_else(|| {
+                Error::Transport("call pipes are served once per swarm".to_owned())
+            })?;
         let activity = Arc::new(Activity::default());
         let (stop_serving, serving) = watch::channel(false);
         tokio::spawn(tracing::Instrument::instrument(
             pipe::serve(
-                control.clone(),
+                incoming,
                 inbound.clone(),
                 activity.clone(),
                 ServeLimits::new(config.calls.max_inbound, config.calls.max_inbound_per_peer),

@@ -1,0 +1,167 @@
+//! The callee's side: accepting pipes and serving the calls on them.
+
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use libp2p::futures::io::BufReader;
+use libp2p::{PeerId, Stream};
+use skillmesh_protocol::Kind;
+use skillmesh_protocol::envelope::MAX_BATCH;
+use tokio::sync::{Semaphore, mpsc, watch};
+
+use super::streams::{Gone, Incoming};
+use super::{
+    ACCEPTED, Activity, Out, READ_BUFFER, WRITE_QUEUE, frame, read_frames, split_guarded,
+    write_frames,
+};
+use crate::calls::Inbound;
+
+/// A callee closes a pipe that has sent it nothing for this long.
+const CALLEE_IDLE: Duration = Duration::from_secs(60);
+/// Pipes one peer may hold open to us at once.
+const MAX_PIPES_PER_PEER: usize = 4;
+/// Calls a callee reads ahead of those it answered, per pipe, on top of the per-peer limit:
+/// enough that a caller over the limit hears "busy" instead of silence.
+const READ_AHEAD: usize = 16;
+
+// ---- the callee's side ---------------------------------------------------------------------------
+
+/// Limits of the serving side.
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct ServeLimits {
+    /// Pipes open to us at once, from everyone.
+    pub(crate) max_pipes: usize,
+    /// Calls one pipe may have running before we stop reading it.
+    pub(crate) per_pipe: usize,
+}
+
+impl ServeLimits {
+    pub(crate) fn new(max_inbound: u32, max_inbound_per_peer: u32) -> Self {
+        ServeLimits {
+            max_pipes: (max_inbound as usize).max(MAX_PIPES_PER_PEER),
+            per_pipe: max_inbound_per_peer as usize + READ_AHEAD,
+        }
+    }
+}
+
+/// Accepts call pipes and serves the calls on them until `stop` turns true.
+pub(crate) async fn serve(
+    mut incoming: Incoming,
+    inbound: Arc<Inbound>,
+    activity: Arc<Activity>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let open: Arc<Mutex<HashMap<PeerId, usize>>> = Arc::default();
+    loop {
+        let (peer, stream, gone) = tokio::select! {
+            next = incoming.recv() => match next {
+                Some(s) => s,
+                None => return,
+            },
+            _ = stop.wait_for(|s| *s) => return,
+        };
+        let admitted = {
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            let total: usize = open.values().sum();
+            let mine = open.entry(peer).or_insert(0);
+            if *mine >= MAX_PIPES_PER_PEER || total >= limits.max_pipes {
+                false
+            } else {
+                *mine += 1;
+                true
+            }
+        };
+        if !admitted {
+            tracing::debug!(%peer, "call pipe refused: too many open");
+            continue;
+        }
+        let (inbound, activity, open, stop) = (
+            inbound.clone(),
+            activity.clone(),
+            open.clone(),
+            stop.clone(),
+        );
+        tokio::spawn(async move {
+            serve_pipe(peer, stream, gone, inbound, activity, limits, stop).await;
+            let mut open = open.lock().unwrap_or_else(|e| e.into_inner());
+            if let Some(n) = open.get_mut(&peer) {
+                *n -= 1;
+                if *n == 0 {
+                    open.remove(&peer);
+                }
+            }
+        });
+    }
+}
+
+async fn serve_pipe(
+    peer: PeerId,
+    stream: Stream,
+    mut gone: Gone,
+    inbound: Arc<Inbound>,
+    activity: Arc<Activity>,
+    limits: ServeLimits,
+    mut stop: watch::Receiver<bool>,
+) {
+    let (read, write) = split_guarded(stream);
+    let (frames_tx, rx) = mpsc::channel(WRITE_QUEUE);
+    tokio::spawn(write_frames(write, rx, inbound.signing().clone()));
+    if frames_tx
+        .send(Out::Frame(frame(ACCEPTED, &[])))
+        .await
+        .is_err()
+    {
+        return;
+    }
+    let room = Arc::new(Semaphore::new(limits.per_pipe));
+    let max = Kind::Call.max_envelope();
+    let mut read = BufReader::with_capacity(READ_BUFFER, read);
+    loop {
+        // Reading stops while the pipe has its fill of calls running: the caller's stream
+        // window fills and it waits, instead of us queueing without bound.
+        let Ok(first) = room.clone().acquire_owned().await else {
+            return;
+        };
+        let limit = (1 + room.available_permits()).min(MAX_BATCH);
+        let next = tokio::select! {
+            r = tokio::time::timeout(CALLEE_IDLE, read_frames(&mut read, max, limit)) => r,
+            // Shutting down: no new calls; those running still answer.
+            _ = stop.wait_for(|s| *s) => break,
+            _ = gone.wait() => break,
+        };
+        let frames = match next {
+            Ok(Ok(f)) if f.is_empty() => break,
+            Ok(Ok(f)) => f,
+            Ok(Err(e)) => {
+                tracing::debug!(%peer, "call pipe broken: {e}");
+                break;
+            }
+            Err(_) => {
+                tracing::debug!(%peer, "call pipe idle; closing");
+                break;
+            }
+        };
+        let requests: Vec<&[u8]> = frames.iter().map(|(_, r)| r.as_slice()).collect();
+        let calls = inbound.open(peer, &requests);
+        let mut slots = std::iter::once(Some(first)).chain(std::iter::repeat_with(|| {
+            room.clone().try_acquire_owned().ok()
+        }));
+        for ((tag, request), call) in frames.into_iter().zip(calls) {
+            // Only this loop takes permits, and `limit` counted them: there is one.
+            let slot = slots.next().flatten();
+            let busy = activity.begin(peer, true);
+            let (inbound, tx) = (inbound.clone(), frames_tx.clone());
+            tokio::spawn(async move {
+                let out = match inbound.handle_opened(peer, &request, call).await {
+                    Some(result) => Out::Sign(tag, result),
+                    // No result could be sealed: an empty frame, which the caller refuses.
+                    None => Out::Frame(frame(tag, &[])),
+                };
+                let _ = tx.send(out).await;
+                drop((busy, slot));
+            });
+        }
+    }
+}
