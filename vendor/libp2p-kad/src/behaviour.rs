@@ -449,10 +449,7 @@ impl Config {
     ///   a new peer is inserted in the routing table).
     // skillmesh: public (upstream: `#[cfg(test)] pub(crate)`), so a node that starts its own
     // join walk can turn the automatic one off.
-    pub fn set_automatic_bootstrap_throttle(
-        &mut self,
-        duration: Option<Duration>,
-    ) -> &mut Self {
+    pub fn set_automatic_bootstrap_throttle(&mut self, duration: Option<Duration>) -> &mut Self {
         self.automatic_bootstrap_throttle = duration;
         self
     }
@@ -1729,9 +1726,7 @@ where
                         stats: query.stats,
                         result: match context {
                             AddProviderContext::Publish => QueryResult::StartProviding(result),
-                            AddProviderContext::Republish => {
-                                QueryResult::RepublishProvider(result)
-                            }
+                            AddProviderContext::Republish => QueryResult::RepublishProvider(result),
                         },
                         step: ProgressStep::first_and_last(),
                     });

@@ -1583,9 +1583,11 @@ fn get_providers_limit<const N: usize>() {
                                 return Poll::Ready(());
                             } else {
                                 assert!(matches!(ok, GetProvidersOk::FoundProviders { .. }));
+                                // skillmesh: the providers' addresses are a field too.
                                 if let GetProvidersOk::FoundProviders {
                                     key: found_key,
                                     providers,
+                                    ..
                                 } = ok
                                 {
                                     // There are a total of 2 providers.
