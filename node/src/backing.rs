@@ -206,12 +206,14 @@ async fn read_capped<R: tokio::io::AsyncRead + Unpin>(
 }
 
 /// POSTs each call to a local HTTP endpoint.
+#[cfg(feature = "daemon")]
 #[derive(Clone, Debug)]
 pub struct HttpHandler {
     url: String,
     client: reqwest::Client,
 }
 
+#[cfg(feature = "daemon")]
 impl HttpHandler {
     /// A handler posting to `url`.
     pub fn new(url: String) -> Self {
@@ -222,6 +224,7 @@ impl HttpHandler {
     }
 }
 
+#[cfg(feature = "daemon")]
 impl SkillHandler for HttpHandler {
     fn call(&self, ctx: CallContext, args: Value) -> HandlerFuture {
         let (url, client) = (self.url.clone(), self.client.clone());
@@ -261,6 +264,7 @@ impl SkillHandler for HttpHandler {
     }
 }
 
+#[cfg(feature = "daemon")]
 impl Backing {
     /// The handler serving this backing.
     pub fn handler(&self) -> std::sync::Arc<dyn SkillHandler> {

@@ -70,6 +70,7 @@ mod behaviour;
 mod call_log;
 mod calls;
 pub mod config;
+#[cfg(feature = "daemon")]
 pub mod control;
 mod deferred;
 mod discovery;
