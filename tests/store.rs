@@ -150,13 +150,19 @@ async fn cards_keep_seq_monotonic_expire_and_are_bounded() {
     store.put_card(c, card(1, 8000), T0).await.expect("c");
     assert!(store.card(a, T0).await.expect("get").is_none());
     assert!(store.card(b, T0).await.expect("get").is_some());
-    assert_eq!(
+    // Expired, c is not handed out, and makes room for the next card.
+    assert!(
         store
-            .purge_expired_cards(Timestamp(T0.0 + 8500))
+            .card(c, Timestamp(T0.0 + 8500))
             .await
-            .expect("purge"),
-        1
+            .expect("get")
+            .is_none()
     );
+    store
+        .put_card(a, card(2, 9500), Timestamp(T0.0 + 8500))
+        .await
+        .expect("a again");
+    assert!(store.card(c, T0).await.expect("get").is_none());
     assert!(store.card(b, T0).await.expect("get").is_some());
 }
 
@@ -336,16 +342,19 @@ async fn call_log_updates_in_place_and_drops_the_oldest() {
     let peer = PeerId::random();
     let entry = |i: u8, state| call_entry(peer, i, Direction::Inbound, state);
     store
-        .log_call(entry(1, CallState::Running))
+        .log_calls(vec![entry(1, CallState::Running)], true)
         .await
         .expect("log");
     let mut done = entry(1, CallState::Failed);
     done.error = Some(ErrorCode::Timeout);
-    store.log_call(done.clone()).await.expect("update");
+    store
+        .log_calls(vec![done.clone()], true)
+        .await
+        .expect("update");
     assert_eq!(store.recent_calls(10).await.expect("recent"), vec![done]);
     for i in 2..=4 {
         store
-            .log_call(entry(i, CallState::Completed))
+            .log_calls(vec![entry(i, CallState::Completed)], true)
             .await
             .expect("log");
     }
@@ -356,7 +365,7 @@ async fn call_log_updates_in_place_and_drops_the_oldest() {
     );
     // The dropped call's index went with it: logging it again starts a new entry.
     store
-        .log_call(entry(1, CallState::Completed))
+        .log_calls(vec![entry(1, CallState::Completed)], true)
         .await
         .expect("log");
     assert_eq!(store.recent_calls(10).await.expect("recent").len(), 3);
@@ -391,11 +400,17 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
     // Reopened, the store still finds its entries: an update replaces, in place.
     let store = open(&dir, limits).await;
     store
-        .log_call(entry(2, Direction::Outbound, CallState::Completed))
+        .log_calls(
+            vec![entry(2, Direction::Outbound, CallState::Completed)],
+            true,
+        )
         .await
         .expect("update");
     store
-        .log_call(entry(3, Direction::Inbound, CallState::Completed))
+        .log_calls(
+            vec![entry(3, Direction::Inbound, CallState::Completed)],
+            true,
+        )
         .await
         .expect("log");
     let recent = store.recent_calls(10).await.expect("recent");
@@ -413,11 +428,14 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
     );
     // Full: the oldest goes, and its call logged again is a new entry, not an update of it.
     store
-        .log_call(entry(4, Direction::Inbound, CallState::Completed))
+        .log_calls(
+            vec![entry(4, Direction::Inbound, CallState::Completed)],
+            true,
+        )
         .await
         .expect("log");
     store
-        .log_call(entry(1, Direction::Outbound, CallState::Failed))
+        .log_calls(vec![entry(1, Direction::Outbound, CallState::Failed)], true)
         .await
         .expect("log");
     let recent = store.recent_calls(10).await.expect("recent");

@@ -46,8 +46,6 @@ const MAIL_USAGE: TableDefinition<'_, &[u8], (u64, u64)> = TableDefinition::new(
 /// `log seq (u64 BE) || call id || direction` -> [`CallLogEntry`], in the order calls were first
 /// logged: a counter, not a clock, so calls within one millisecond keep their order.
 const CALL_LOG: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_log");
-/// `call id || direction` -> call log key. No longer kept (see [`CallIndex`]); deleted on open.
-const CALL_INDEX: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("call_index");
 
 /// A call log key: `log seq (u64 BE) || call id || direction`.
 type LogKey = [u8; 25];
@@ -388,7 +386,6 @@ impl Store {
             tx.open_table(MAIL_IDS)?;
             tx.open_table(MAIL_USAGE)?;
             tx.open_table(CALL_LOG)?;
-            tx.delete_table(CALL_INDEX)?;
             tx.open_table(OLM)?;
             tx.open_table(OUT_SEQ)?;
             tx.open_table(INBOX)?;
@@ -528,38 +525,6 @@ impl Store {
             .run(move |db, _| get(db, CARDS, "cards", peer.to_bytes().as_slice()))
             .await?;
         Ok(card.filter(|c| c.expires_at >= now))
-    }
-
-    /// Deletes every card expired at `now`; returns how many.
-    pub async fn purge_expired_cards(&self, now: Timestamp) -> Result<u64, StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_write()?;
-            let mut n = 0;
-            {
-                let mut t = tx.open_table(CARDS)?;
-                let mut bad = None;
-                t.retain(|_, v| match from_cbor::<StoredCard>(v, MAX_RECORD_BYTES) {
-                    Ok(c) if c.expires_at < now => {
-                        n += 1;
-                        false
-                    }
-                    Ok(_) => true,
-                    Err(e) => {
-                        bad = Some(e);
-                        true
-                    }
-                })?;
-                if let Some(e) = bad {
-                    return Err(StoreError::Corrupt {
-                        table: "cards",
-                        reason: e.to_string(),
-                    });
-                }
-            }
-            tx.commit()?;
-            Ok(n)
-        })
-        .await
     }
 
     // ---- skills ------------------------------------------------------------------------------
@@ -770,12 +735,8 @@ impl Store {
 
     // ---- call log ----------------------------------------------------------------------------
 
-    /// Adds a call or updates its state, dropping the oldest entries beyond the limit.
-    pub async fn log_call(&self, entry: CallLogEntry) -> Result<(), StoreError> {
-        self.log_calls(vec![entry], true).await
-    }
-
-    /// Adds or updates many calls in one transaction. With `durable` false the commit is not
+    /// Adds calls or updates their state in one transaction, dropping the oldest entries
+    /// beyond the limit. With `durable` false the commit is not
     /// fsynced (a later durable commit, or a clean close, persists it): the call log is a
     /// record for people, and must not cost every call a disk flush.
     pub async fn log_calls(
