@@ -11,7 +11,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::futures::StreamExt;
-use libp2p::gossipsub::{self, IdentTopic, MessageAcceptance, PublishError};
+use libp2p::gossipsub;
 use libp2p::kad::store::RecordStore;
 use libp2p::kad::{
     self, GetClosestPeersOk, GetProvidersOk, GetRecordOk, QueryId, QueryResult, RecordKey,
@@ -22,7 +22,7 @@ use libp2p::swarm::{DialError, ListenError, SwarmEvent};
 use libp2p::{Multiaddr, PeerId, Swarm, identify, mdns};
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::{KAD_PROTOCOL, card_key, mailbox_key, relay_key};
-use skillmesh_protocol::{AgentCard, Event, MeshName, PrekeyBundle, SigningKey, Timestamp};
+use skillmesh_protocol::{AgentCard, PrekeyBundle, SigningKey, Timestamp};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::task::JoinSet;
 
@@ -30,14 +30,16 @@ use crate::behaviour::{Behaviour, BehaviourEvent};
 use crate::config::Config;
 use crate::discovery::{CardExtras, build_card, provider_keys, verify_card_record};
 use crate::error::{Error, Result};
-use crate::events::{Delivered, MAX_TOPICS, PeerInfo, Presence, SUBSCRIBER_BUFFER};
+use crate::events::{Delivered, PeerInfo};
 use crate::mail::service::MailService;
 use crate::metrics::NodeMetrics;
 use crate::pipe::Activity;
 use crate::skills::{self, Registry};
 
 mod nat;
+mod topics;
 pub use nat::{ConnectionInfo, NatStatus, Path, Reach, Relaying};
+use topics::Topics;
 
 /// An answer to an inbound mailbox request, ready to send.
 struct Response {
@@ -82,8 +84,6 @@ const TRIM_INTERVAL: Duration = Duration::from_secs(2);
 const TOP_UP_SPACING: Duration = Duration::from_secs(60);
 /// How soon a node with no connection at all tries again.
 const RECONNECT_SPACING: Duration = Duration::from_secs(5);
-/// Presence entries kept; the oldest go first.
-const MAX_PRESENCE: usize = 10_000;
 /// How long a node without bootstrap peers waits after meeting its first peer before it walks
 /// the DHT: the call or request it connected for goes first, and more peers may arrive
 /// (libp2p-kad's own automatic walk waits 500 ms for the same reasons).
@@ -305,7 +305,6 @@ pub(crate) struct EventLoop {
     signing: SigningKey,
     registry: Registry,
     config: Arc<Config>,
-    mesh: MeshName,
     bootstrap: HashSet<PeerId>,
 
     card_seq: u64,
@@ -329,15 +328,8 @@ pub(crate) struct EventLoop {
     groups: HashMap<u64, PublishGroup>,
     next_group: u64,
 
-    topics: HashMap<String, broadcast::Sender<Delivered>>,
-    /// Events accepted per topic in the current second: (second, count).
-    topic_rate: HashMap<String, (u64, u32)>,
-    presence: HashMap<PeerId, Presence>,
-    presence_due: Option<Instant>,
-    /// Last presence sent to greet newcomers: bounds the greetings, since each one goes to the
-    /// whole mesh and every join would otherwise make all of the newcomer's peers announce.
-    greeted: Option<Instant>,
-    event_seq: u64,
+    /// Subscriptions, events and presence.
+    topics: Topics,
 }
 
 impl EventLoop {
@@ -356,8 +348,7 @@ impl EventLoop {
         prekeys: PrekeyBundle,
     ) -> Self {
         let (responses_tx, responses_rx) = mpsc::channel(RESPONSE_BUFFER);
-        let mesh = config.mesh_name();
-        let now = Timestamp::now().as_millis();
+        let topics = Topics::new(config.mesh_name(), &config.gossip, metrics.clone());
         EventLoop {
             swarm,
             commands,
@@ -385,7 +376,6 @@ impl EventLoop {
             signing,
             registry,
             config,
-            mesh,
             bootstrap,
             card_seq: 0,
             own_card: None,
@@ -398,26 +388,13 @@ impl EventLoop {
             queries: HashMap::new(),
             groups: HashMap::new(),
             next_group: 0,
-            topics: HashMap::new(),
-            topic_rate: HashMap::new(),
-            presence: HashMap::new(),
-            presence_due: None,
-            greeted: None,
-            // Seeded from the clock so event ids stay unique across restarts.
-            event_seq: now,
+            topics,
         }
     }
 
     pub(crate) async fn run(mut self) {
-        let presence_topic = IdentTopic::new(self.mesh.presence_topic());
-        if let Err(e) = self
-            .swarm
-            .behaviour_mut()
-            .gossipsub
-            .subscribe(&presence_topic)
-        {
-            tracing::warn!("cannot subscribe to presence: {e}");
-        }
+        self.topics
+            .join_presence(&mut self.swarm.behaviour_mut().gossipsub);
         // `Node::build` publishes first, once it has met its bootstrap peers; a tick now
         // would publish into a routing table that holds only their addresses.
         let every = self.config.dht.republish_interval;
@@ -436,7 +413,7 @@ impl EventLoop {
                 Some(r) = self.responses_rx.recv() => self.respond(r),
                 Some(_) = self.inflight.join_next(), if !self.inflight.is_empty() => {}
                 _ = republish.tick() => self.republish(None),
-                _ = presence.tick() => self.presence_due = Some(Instant::now()),
+                _ = presence.tick() => self.topics.announce_soon(),
                 _ = housekeeping.tick() => self.housekeeping(),
             }
         };
@@ -552,34 +529,16 @@ impl EventLoop {
                 self.republish_due = Some(self.republish_due.map_or(soon, |t| t.min(soon)));
             }
             Command::Subscribe { topic, reply } => {
-                let _ = reply.send(self.subscribe(topic));
+                let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+                let _ = reply.send(self.topics.subscribe(gossipsub, topic));
             }
             Command::Publish { topic, data, reply } => {
-                let r = self
-                    .swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .publish(IdentTopic::new(topic.clone()), data)
-                    .map(|_| ())
-                    .map_err(|e| match e {
-                        PublishError::NoPeersSubscribedToTopic => {
-                            Error::Publish(format!("no peer is subscribed to {topic} yet"))
-                        }
-                        other => Error::Publish(other.to_string()),
-                    });
-                let _ = reply.send(r);
+                let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+                let _ = reply.send(Topics::publish(gossipsub, topic, data));
             }
             Command::Subscribers { topic, reply } => {
-                let hash = IdentTopic::new(topic).hash();
-                let peers = self
-                    .swarm
-                    .behaviour()
-                    .gossipsub
-                    .all_peers()
-                    .filter(|(_, topics)| topics.contains(&&hash))
-                    .map(|(peer, _)| *peer)
-                    .collect();
-                let _ = reply.send(peers);
+                let gossipsub = &self.swarm.behaviour().gossipsub;
+                let _ = reply.send(Topics::subscribers(gossipsub, topic));
             }
             Command::Peers { reply } => {
                 let _ = reply.send(self.peers());
@@ -603,23 +562,6 @@ impl EventLoop {
             }
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
-    }
-
-    fn subscribe(&mut self, topic: String) -> Result<broadcast::Receiver<Delivered>> {
-        if let Some(tx) = self.topics.get(&topic) {
-            return Ok(tx.subscribe());
-        }
-        if self.topics.len() >= MAX_TOPICS {
-            return Err(Error::Overloaded("too many topics subscribed"));
-        }
-        self.swarm
-            .behaviour_mut()
-            .gossipsub
-            .subscribe(&IdentTopic::new(topic.clone()))
-            .map_err(|e| Error::Publish(format!("cannot subscribe to {topic}: {e}")))?;
-        let (tx, rx) = broadcast::channel(SUBSCRIBER_BUFFER);
-        self.topics.insert(topic, tx);
-        Ok(rx)
     }
 
     fn respond(&mut self, r: Response) {
@@ -944,7 +886,7 @@ impl EventLoop {
                     .as_ref()
                     .is_none_or(|(c, _)| !same_content(c, &card))
                 {
-                    self.presence_due = Some(Instant::now());
+                    self.topics.announce_soon();
                 }
                 self.own_card = Some((card, bytes.clone()));
                 bytes
@@ -1046,25 +988,10 @@ impl EventLoop {
             self.trim_connections();
             self.forget_departed();
         }
-        if self.presence_due.is_some_and(|t| t <= Instant::now()) {
-            self.presence_due = None;
-            self.announce_presence();
-        }
-        // Drop topics nobody listens to any more.
-        let unused: Vec<String> = self
-            .topics
-            .iter()
-            .filter(|(_, tx)| tx.receiver_count() == 0)
-            .map(|(t, _)| t.clone())
-            .collect();
-        for t in unused {
-            self.topics.remove(&t);
-            let _ = self
-                .swarm
-                .behaviour_mut()
-                .gossipsub
-                .unsubscribe(&IdentTopic::new(t));
-        }
+        let card = self.own_card.as_ref().map(|(_, bytes)| bytes.as_slice());
+        let gossipsub = &mut self.swarm.behaviour_mut().gossipsub;
+        self.topics.announce_if_due(gossipsub, &self.signing, card);
+        self.topics.drop_unused(gossipsub);
         // Callers that gave up (their timeouts ran out) wait no more.
         self.connecting.retain(|_, c| {
             c.waiters.retain(|w| !w.is_closed());
@@ -1077,41 +1004,14 @@ impl EventLoop {
     /// thousand in netsim), and reading the clock for each one four times a second was 7 % of
     /// a 1,000-node run's CPU.
     fn forget_departed(&mut self) {
-        let horizon = self.config.gossip.presence_interval * 3;
-        let now = Instant::now();
-        self.presence
-            .retain(|_, p| now.saturating_duration_since(p.seen) < horizon);
+        self.topics.forget_departed();
         let swarm = &self.swarm;
         self.activity.prune(|p| swarm.is_connected(p));
     }
 
-    fn announce_presence(&mut self) {
-        let Some(card) = self.own_card.as_ref().map(|(_, bytes)| bytes.clone()) else {
-            return;
-        };
-        self.event_seq += 1;
-        let event = Event {
-            topic: self.mesh.presence_topic(),
-            publisher: self.signing.peer_id(),
-            seq: self.event_seq,
-            issued_at: Timestamp::now(),
-            data: card.into(),
-        };
-        match envelope::seal(&self.signing, &event) {
-            Ok(bytes) => {
-                let topic = IdentTopic::new(self.mesh.presence_topic());
-                match self.swarm.behaviour_mut().gossipsub.publish(topic, bytes) {
-                    Ok(_) | Err(PublishError::NoPeersSubscribedToTopic) => {}
-                    Err(e) => tracing::debug!("presence not published: {e}"),
-                }
-            }
-            Err(e) => tracing::warn!("cannot sign presence: {e}"),
-        }
-    }
-
     fn peers(&self) -> Vec<PeerInfo> {
         let mut out: HashMap<PeerId, PeerInfo> = HashMap::new();
-        for (peer, p) in &self.presence {
+        for (peer, p) in self.topics.presence() {
             out.insert(
                 *peer,
                 PeerInfo {
@@ -1680,126 +1580,19 @@ impl EventLoop {
     }
 
     fn on_gossip(&mut self, event: gossipsub::Event) {
-        match event {
-            gossipsub::Event::Message {
-                propagation_source,
-                message_id,
-                message,
-            } => {
-                if let Some(t) = self.last_active.get_mut(&propagation_source) {
-                    *t = Instant::now();
-                }
-                let topic = message.topic.as_str().to_owned();
-                // The envelope's signer is the publisher (gossipsub messages are unsigned).
-                let verdict = envelope::open::<Event>(&message.data, &Checks::now())
-                    .map_err(|_| "bad event envelope")
-                    .and_then(|o| {
-                        if o.value.topic == topic {
-                            Ok(o.value)
-                        } else {
-                            Err("topic mismatch")
-                        }
-                    });
-                let acceptance = match &verdict {
-                    Ok(_) if !self.within_topic_rate(&topic) => MessageAcceptance::Ignore,
-                    Ok(_) => MessageAcceptance::Accept,
-                    Err(_) => MessageAcceptance::Reject,
-                };
-                self.swarm
-                    .behaviour_mut()
-                    .gossipsub
-                    .report_message_validation_result(&message_id, &propagation_source, acceptance);
-                if verdict.is_err() {
-                    self.metrics.events_rejected.inc();
-                }
-                if acceptance == MessageAcceptance::Ignore {
-                    tracing::debug!(%topic, "over gossip.max_events_per_sec; event ignored");
-                    return;
-                }
-                match verdict {
-                    Ok(event) if topic == self.mesh.presence_topic() => self.on_presence(event),
-                    Ok(event) => {
-                        self.metrics.events_received.inc();
-                        if let Some(tx) = self.topics.get(&topic) {
-                            let prefix = format!("skillmesh/{}/app/", self.mesh);
-                            let _ = tx.send(Delivered {
-                                topic: topic.strip_prefix(&prefix).unwrap_or(&topic).to_owned(),
-                                publisher: event.publisher,
-                                seq: event.seq,
-                                issued_at: event.issued_at,
-                                data: event.data.into_vec(),
-                            });
-                        }
-                    }
-                    Err(why) => tracing::debug!(%propagation_source, "rejected gossip: {why}"),
-                }
-            }
-            gossipsub::Event::Subscribed { topic, .. }
-                if topic.as_str() == self.mesh.presence_topic() =>
-            {
-                // A newcomer: tell it about us soon (debounced with other newcomers), at most
-                // once a quarter presence interval; it hears us later at our next announcement.
-                let spacing = self.config.gossip.presence_interval / 4;
-                if self.greeted.is_none_or(|t| t.elapsed() >= spacing) {
-                    self.greeted = Some(Instant::now());
-                    let soon = Instant::now() + Duration::from_millis(300);
-                    self.presence_due = Some(self.presence_due.map_or(soon, |t| t.min(soon)));
-                }
-            }
-            _ => {}
-        }
-    }
-
-    /// Counts an event against its topic's budget for this second.
-    fn within_topic_rate(&mut self, topic: &str) -> bool {
-        let second = Timestamp::now().as_millis() / 1000;
-        if !self.topic_rate.contains_key(topic) && self.topic_rate.len() > MAX_TOPICS {
-            // Only subscribed topics (and presence) reach here; clear stale seconds.
-            self.topic_rate.retain(|_, (s, _)| *s == second);
-        }
-        let (s, n) = self
-            .topic_rate
-            .entry(topic.to_owned())
-            .or_insert((second, 0));
-        if *s != second {
-            *s = second;
-            *n = 0;
-        }
-        *n += 1;
-        *n <= self.config.gossip.max_events_per_sec
-    }
-
-    fn on_presence(&mut self, event: Event) {
-        let card = match envelope::open::<AgentCard>(
-            &event.data,
-            &Checks::now().signed_by(event.publisher),
-        ) {
-            Ok(o) => o.value,
-            Err(e) => {
-                tracing::debug!(peer = %event.publisher, "bad presence card: {e}");
-                return;
-            }
-        };
-        if self.presence.len() >= MAX_PRESENCE
-            && !self.presence.contains_key(&card.peer_id)
-            && let Some(oldest) = self
-                .presence
-                .iter()
-                .min_by_key(|(_, p)| p.seen)
-                .map(|(k, _)| *k)
+        let heard = self
+            .topics
+            .on_event(&mut self.swarm.behaviour_mut().gossipsub, event);
+        if let Some(peer) = heard.active
+            && let Some(t) = self.last_active.get_mut(&peer)
         {
-            self.presence.remove(&oldest);
+            *t = Instant::now();
         }
-        for a in &card.addrs {
-            self.swarm.add_peer_address(card.peer_id, a.clone());
+        if let Some((peer, addrs)) = heard.addresses {
+            for a in addrs {
+                self.swarm.add_peer_address(peer, a);
+            }
         }
-        self.presence.insert(
-            card.peer_id,
-            Presence {
-                card,
-                seen: Instant::now(),
-            },
-        );
     }
 }
 

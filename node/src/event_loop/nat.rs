@@ -268,9 +268,9 @@ impl EventLoop {
     /// punched).
     fn reverse(&mut self, peer: PeerId) {
         let mut addrs: Vec<Multiaddr> = self
-            .presence
-            .get(&peer)
-            .map(|p| p.card.addrs.clone())
+            .topics
+            .card(&peer)
+            .map(|c| c.addrs.clone())
             .unwrap_or_default();
         if let Some(bucket) = self.swarm.behaviour_mut().kad.kbucket(peer)
             && let Some(entry) = bucket.iter().find(|e| e.node.key.preimage() == &peer)
