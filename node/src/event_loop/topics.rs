@@ -335,7 +335,11 @@ mod tests {
             max_events_per_sec,
             ..GossipConfig::default()
         };
-        Topics::new(MeshName::default(), &config, crate::metrics::Metrics::new().node)
+        Topics::new(
+            MeshName::default(),
+            &config,
+            crate::metrics::Metrics::new().node,
+        )
     }
 
     /// A topic takes at most its budget of events in one second.
