@@ -1,4 +1,4 @@
-//! Benchmarks against plain libp2p, printed as one table (DESIGN §12, issue "Benchmarks").
+//! Benchmarks against plain libp2p, printed as one table (docs/performance.md).
 //!
 //! ```sh
 //! cargo bench --bench calls            # full run
@@ -746,7 +746,7 @@ fn idle_rss(daemon: Option<&str>, rows: &mut Vec<Row>) {
         return;
     }
     let own = env!("CARGO_BIN_EXE_skillmesh");
-    // DESIGN §12's goal is for the daemon as shipped; a release build's code is laid out for
+    // The memory goal is for the daemon as shipped; a release build's code is laid out for
     // speed, not for the pages an idle daemon touches (`Cargo.toml`, profile.dist).
     daemon_rss(own, "this build", "(goal: dist row)", rows);
     let dist = std::path::Path::new(own)
@@ -809,7 +809,7 @@ fn daemon_rss(binary: &str, label: &str, target: &'static str, rows: &mut Vec<Ro
         skillmesh: format!("{:.1} MiB", rss_kb as f64 / 1024.0),
         plain: String::new(),
         ratio: String::new(),
-        // DESIGN §12 says "15 MB"; both readings, so that neither is picked to suit a figure.
+        // The goal says "15 MB"; both readings, so that neither is picked to suit a figure.
         target,
     });
     // The rest of RSS is the binary's code pages: shared, clean, reclaimable.

@@ -84,31 +84,6 @@ async fn a_newer_schema_is_refused() {
 }
 
 #[tokio::test]
-async fn peers_are_bounded_forgetting_the_least_recently_seen() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    let limits = StoreLimits {
-        max_peers: 3,
-        ..Default::default()
-    };
-    let store = open(&dir, limits).await;
-    let peers: Vec<PeerId> = (0..4).map(|_| PeerId::random()).collect();
-    for (i, p) in peers.iter().enumerate() {
-        store
-            .put_peer(PeerRecord {
-                peer: *p,
-                addrs: vec!["/ip4/127.0.0.1/tcp/1".parse().expect("addr")],
-                last_seen: Timestamp(T0.0 + i as u64),
-            })
-            .await
-            .expect("put");
-    }
-    let known = store.peers().await.expect("peers");
-    assert_eq!(known.len(), 3);
-    assert!(store.peer(peers[0]).await.expect("get").is_none());
-    assert!(store.peer(peers[3]).await.expect("get").is_some());
-}
-
-#[tokio::test]
 async fn cards_keep_seq_monotonic_expire_and_are_bounded() {
     let dir = tempfile::tempdir().expect("tempdir");
     let limits = StoreLimits {

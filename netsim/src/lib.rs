@@ -9,7 +9,7 @@
 //! nodes, and reports discovery success and time, DHT requests per lookup, call success and
 //! latency, direct vs relayed connections, gossip delivery, latency and duplicates,
 //! cross-partition deliveries, mail delivery, dial outcomes, bytes and memory, as a table, JSON
-//! and an SVG of the latency CDFs. See DESIGN §11.
+//! and an SVG of the latency CDFs. See docs/netsim.md.
 //!
 //! Scale, honestly: 40 nodes with NAT, partitions or mail and 100 nodes without faults run in
 //! under a minute; at 200 nodes the run is CPU-bound on two cores (a hundred thousand dials,

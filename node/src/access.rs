@@ -1,4 +1,4 @@
-//! Who may call, how often, and how many at once: the callee's admission checks (DESIGN §5).
+//! Who may call, how often, and how many at once: the callee's admission checks (protocol/README.md §4).
 //! Each structure has a hard bound on the state it keeps.
 
 use std::collections::{BTreeMap, HashMap, HashSet};

@@ -49,6 +49,8 @@ pub(crate) struct Behaviour {
     pub(crate) memory: Toggle<memory_connection_limits::Behaviour>,
     /// Reachability probes both ways, and the per-peer connection limit with room for them.
     pub(crate) reach: crate::reach::Behaviour,
+    /// Which connections stay open; connecting to a peer a call waits for.
+    pub(crate) conns: crate::connections::Behaviour,
     pub(crate) identify: Deferred<identify::Behaviour>,
     pub(crate) ping: Toggle<Deferred<ping::Behaviour>>,
     pub(crate) kad: kad::Behaviour<MemoryStore>,
@@ -250,6 +252,7 @@ fn behaviour(
         limits: connection_limits::Behaviour::new(limits),
         memory: memory.into(),
         reach,
+        conns: crate::connections::Behaviour::new(net.clone()),
         identify: Deferred::new(identify, SETTLE),
         // A zero interval would ping without pause: zero means no pings.
         ping: (!config.network.ping_interval.is_zero())

@@ -1,4 +1,4 @@
-//! Skill calls (DESIGN §5): the callee's checks, in order, and the caller's reading of results.
+//! Skill calls (protocol/README.md §3-4): the callee's checks, in order, and the caller's reading of results.
 //!
 //! Inbound, every call goes through: size (the frame codec), signature, signer = connection
 //! peer, target = us, time window, replay, skill and version, access (share mode, grant), rate

@@ -1,4 +1,4 @@
-//! The local control API (DESIGN §10): how the CLI, and agents written in other languages,
+//! The local control API (docs/api.md): how the CLI, and agents written in other languages,
 //! drive a running node. HTTP + JSON on a loopback address, every request carrying the token
 //! the daemon wrote to its data dir (mode 0600) as `Authorization: Bearer <token>`.
 //!

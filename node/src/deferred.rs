@@ -12,124 +12,30 @@ use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::{Duration, Instant};
 
-use libp2p::core::Endpoint;
-use libp2p::core::transport::PortUse;
+use libp2p::swarm::ConnectionHandler;
 use libp2p::swarm::handler::{ConnectionEvent, ConnectionHandlerEvent, SubstreamProtocol};
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionId, FromSwarm, NetworkBehaviour, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
-use libp2p::{Multiaddr, PeerId};
+
+use crate::wrap::{Wrap, Wrapped};
 
 /// A behaviour whose handlers open no stream of their own until their connection is `delay`
 /// old.
-pub(crate) struct Deferred<B> {
-    inner: B,
-    delay: Duration,
-}
+pub(crate) type Deferred<B> = Wrapped<B, Delay>;
+
+/// How long a connection's handler holds back the streams it opens.
+pub(crate) struct Delay(Duration);
 
 impl<B> Deferred<B> {
     /// Holds back the streams `inner`'s handlers open, on every connection.
     pub(crate) fn new(inner: B, delay: Duration) -> Self {
-        Deferred { inner, delay }
+        Wrapped::with(inner, Delay(delay))
     }
 }
 
-impl<B> std::ops::Deref for Deferred<B> {
-    type Target = B;
-    fn deref(&self) -> &B {
-        &self.inner
-    }
-}
+impl<H: ConnectionHandler> Wrap<H> for Delay {
+    type Handler = Handler<H>;
 
-impl<B> std::ops::DerefMut for Deferred<B> {
-    fn deref_mut(&mut self) -> &mut B {
-        &mut self.inner
-    }
-}
-
-impl<B: NetworkBehaviour> NetworkBehaviour for Deferred<B> {
-    type ConnectionHandler = Handler<THandler<B>>;
-    type ToSwarm = B::ToSwarm;
-
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner = self.inner.handle_established_inbound_connection(
-            connection_id,
-            peer,
-            local_addr,
-            remote_addr,
-        )?;
-        Ok(Handler::new(inner, self.delay))
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        let inner = self.inner.handle_established_outbound_connection(
-            connection_id,
-            peer,
-            addr,
-            role_override,
-            port_use,
-        )?;
-        Ok(Handler::new(inner, self.delay))
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer_id, connection_id, event);
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
+    fn wrap(&self, inner: H) -> Handler<H> {
+        Handler::new(inner, self.0)
     }
 }
 
@@ -248,24 +154,14 @@ mod tests {
 
     use libp2p::futures::StreamExt;
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Swarm, SwarmBuilder, noise, ping, tcp, yamux};
+    use libp2p::{Swarm, ping};
 
     use super::*;
 
     const DELAY: Duration = Duration::from_secs(1);
 
     fn swarm(behaviour: Deferred<ping::Behaviour>) -> Swarm<Deferred<ping::Behaviour>> {
-        SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .expect("tcp")
-            .with_behaviour(|_| behaviour)
-            .expect("behaviour")
-            .build()
+        crate::test_swarm::tcp(None, |_| behaviour)
     }
 
     /// How long after its connection each side's first ping succeeded: the listener's, the

@@ -1,4 +1,4 @@
-//! Discovery through the private Kademlia DHT (DESIGN §4).
+//! Discovery through the private Kademlia DHT (protocol/README.md §5).
 //!
 //! An agent is a *provider* of `skillmesh/skill/<name>` for each skill it serves and of
 //! `skillmesh/tag/<tag>` for each tag, and stores its signed card under

@@ -1,4 +1,4 @@
-//! Events over gossipsub (DESIGN §6): what a subscriber receives, and the presence of agents.
+//! Events over gossipsub (protocol/README.md §3, §5): what a subscriber receives, and the presence of agents.
 
 use std::pin::Pin;
 use std::task::{Context, Poll};

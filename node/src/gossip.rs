@@ -8,7 +8,7 @@
 //! network, and in netsim's 200-node start-up every node ended up connected to every other
 //! (18,400 connections, each polled, pinged and gossiped to) while the idle timeout never fired.
 //!
-//! [`Gossip`] wraps the behaviour and its handler, and marks those two streams
+//! [`Gossip`] wraps the behaviour's handler (`wrap.rs`), and marks those two streams
 //! [`ignore_for_keep_alive`](libp2p::swarm::Stream::ignore_for_keep_alive) as they are
 //! handed over, so gossipsub's own keep-alive (the peer is in a mesh) decides. Nothing else
 //! changes: the calls, events and messages are the behaviour's own.
@@ -16,124 +16,34 @@
 use std::task::{Context, Poll};
 
 use futures::future::Either;
-use libp2p::core::Endpoint;
-use libp2p::core::transport::PortUse;
 use libp2p::gossipsub;
 use libp2p::swarm::handler::{
     ConnectionEvent, ConnectionHandlerEvent, FullyNegotiatedInbound, FullyNegotiatedOutbound,
     SubstreamProtocol,
 };
-use libp2p::swarm::{
-    ConnectionDenied, ConnectionHandler, ConnectionId, FromSwarm, NetworkBehaviour, THandler,
-    THandlerInEvent, THandlerOutEvent, ToSwarm,
-};
-use libp2p::{Multiaddr, PeerId};
+use libp2p::swarm::{ConnectionHandler, THandler};
+
+use crate::wrap::{Wrap, Wrapped};
 
 /// [`gossipsub::Behaviour`] whose streams leave the connection's keep-alive to its mesh.
-pub(crate) struct Gossip {
-    inner: gossipsub::Behaviour,
-}
+pub(crate) type Gossip = Wrapped<gossipsub::Behaviour, MeshKeepAlive>;
+
+/// Gossipsub's handler with its streams marked.
+pub(crate) struct MeshKeepAlive;
 
 impl Gossip {
     pub(crate) fn new(inner: gossipsub::Behaviour) -> Self {
-        Gossip { inner }
-    }
-}
-
-impl std::ops::Deref for Gossip {
-    type Target = gossipsub::Behaviour;
-    fn deref(&self) -> &gossipsub::Behaviour {
-        &self.inner
-    }
-}
-
-impl std::ops::DerefMut for Gossip {
-    fn deref_mut(&mut self) -> &mut gossipsub::Behaviour {
-        &mut self.inner
+        Wrapped::with(inner, MeshKeepAlive)
     }
 }
 
 type Inner = THandler<gossipsub::Behaviour>;
 
-impl NetworkBehaviour for Gossip {
-    type ConnectionHandler = Handler;
-    type ToSwarm = gossipsub::Event;
+impl Wrap<Inner> for MeshKeepAlive {
+    type Handler = Handler;
 
-    fn handle_pending_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<(), ConnectionDenied> {
-        self.inner
-            .handle_pending_inbound_connection(connection_id, local_addr, remote_addr)
-    }
-
-    fn handle_established_inbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        local_addr: &Multiaddr,
-        remote_addr: &Multiaddr,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner
-            .handle_established_inbound_connection(connection_id, peer, local_addr, remote_addr)
-            .map(Handler)
-    }
-
-    fn handle_pending_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        maybe_peer: Option<PeerId>,
-        addresses: &[Multiaddr],
-        effective_role: Endpoint,
-    ) -> Result<Vec<Multiaddr>, ConnectionDenied> {
-        self.inner.handle_pending_outbound_connection(
-            connection_id,
-            maybe_peer,
-            addresses,
-            effective_role,
-        )
-    }
-
-    fn handle_established_outbound_connection(
-        &mut self,
-        connection_id: ConnectionId,
-        peer: PeerId,
-        addr: &Multiaddr,
-        role_override: Endpoint,
-        port_use: PortUse,
-    ) -> Result<THandler<Self>, ConnectionDenied> {
-        self.inner
-            .handle_established_outbound_connection(
-                connection_id,
-                peer,
-                addr,
-                role_override,
-                port_use,
-            )
-            .map(Handler)
-    }
-
-    fn on_swarm_event(&mut self, event: FromSwarm<'_>) {
-        self.inner.on_swarm_event(event);
-    }
-
-    fn on_connection_handler_event(
-        &mut self,
-        peer_id: PeerId,
-        connection_id: ConnectionId,
-        event: THandlerOutEvent<Self>,
-    ) {
-        self.inner
-            .on_connection_handler_event(peer_id, connection_id, event);
-    }
-
-    fn poll(
-        &mut self,
-        cx: &mut Context<'_>,
-    ) -> Poll<ToSwarm<Self::ToSwarm, THandlerInEvent<Self>>> {
-        self.inner.poll(cx)
+    fn wrap(&self, inner: Inner) -> Handler {
+        Handler(inner)
     }
 }
 
@@ -210,10 +120,10 @@ impl ConnectionHandler for Handler {
 mod tests {
     use std::time::Duration;
 
+    use libp2p::Swarm;
     use libp2p::futures::StreamExt;
     use libp2p::gossipsub::{IdentTopic, MessageAuthenticity};
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Swarm, SwarmBuilder, noise, tcp, yamux};
 
     use super::*;
 
@@ -221,27 +131,16 @@ mod tests {
     const BOUND: Duration = Duration::from_secs(20);
 
     fn swarm() -> Swarm<Gossip> {
-        SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
+        crate::test_swarm::tcp(Some(IDLE), |key| {
+            let config = gossipsub::ConfigBuilder::default()
+                .heartbeat_interval(Duration::from_millis(100))
+                .build()
+                .expect("config");
+            Gossip::new(
+                gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)
+                    .expect("behaviour"),
             )
-            .expect("tcp")
-            .with_behaviour(|key| {
-                let config = gossipsub::ConfigBuilder::default()
-                    .heartbeat_interval(Duration::from_millis(100))
-                    .build()
-                    .expect("config");
-                Gossip::new(
-                    gossipsub::Behaviour::new(MessageAuthenticity::Signed(key.clone()), config)
-                        .expect("behaviour"),
-                )
-            })
-            .expect("behaviour")
-            .with_swarm_config(|c| c.with_idle_connection_timeout(IDLE))
-            .build()
+        })
     }
 
     /// Two connected swarms, subscribed to the given topics, once each has heard the other's

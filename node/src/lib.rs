@@ -70,6 +70,7 @@ mod behaviour;
 mod call_log;
 mod calls;
 pub mod config;
+mod connections;
 #[cfg(feature = "daemon")]
 pub mod control;
 mod deferred;
@@ -87,7 +88,10 @@ mod punch;
 mod reach;
 mod skills;
 pub mod store;
+#[cfg(test)]
+mod test_swarm;
 mod wire;
+mod wrap;
 
 pub use behaviour::{RawStream, RawTransport, TransportKind};
 pub use discovery::{Found, Query};

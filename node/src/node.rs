@@ -25,7 +25,7 @@ use crate::calls::{Inbound, final_state, peek, read_result};
 use crate::config::{Config, default_data_dir};
 use crate::discovery::{Found, Query, remember_card};
 use crate::error::{Error, Result};
-use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, NatStatus, PublishReport};
+use crate::event_loop::{COMMAND_BUFFER, Command, EventLoop, NatStatus, Parts, PublishReport};
 use crate::events::{PeerInfo, Subscription};
 use crate::identity::Identity;
 use crate::mail::service::MailService;
@@ -172,15 +172,18 @@ impl NodeBuilder {
         let event_loop = EventLoop::new(
             swarm,
             rx,
-            (activity, stop_serving),
-            signing.clone(),
-            registry.clone(),
-            config.clone(),
-            bootstrap.clone(),
-            metrics.node.clone(),
-            metrics.libp2p,
-            mail,
-            prekeys,
+            Parts {
+                activity,
+                stop_serving,
+                signing: signing.clone(),
+                registry: registry.clone(),
+                config: config.clone(),
+                bootstrap: bootstrap.clone(),
+                metrics: metrics.node.clone(),
+                p2p_metrics: metrics.libp2p,
+                mail,
+                prekeys,
+            },
         );
         let task = tokio::spawn(tracing::Instrument::instrument(event_loop.run(), span));
         let fetcher = tokio::spawn(messenger.clone().run_fetcher());

@@ -1,4 +1,4 @@
-//! Events published on gossipsub topics (DESIGN §6), signed by their publisher.
+//! Events published on gossipsub topics (README.md §5), signed by their publisher.
 
 use std::time::Duration;
 

@@ -91,7 +91,7 @@ pub const MAX_CARD_MAILBOXES: usize = 4;
 pub const MAX_ONE_TIME_KEYS: usize = 16;
 /// A card's display name.
 pub const MAX_DISPLAY_NAME_LEN: usize = 64;
-/// The longest a card may claim to be valid: cards expire in hours, not days (DESIGN §4).
+/// The longest a card may claim to be valid: cards expire in hours, not days.
 pub const MAX_CARD_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 /// Skills a grant names (none = every skill of the issuer).
 pub const MAX_GRANT_SKILLS: usize = 32;

@@ -1,4 +1,4 @@
-//! Store-and-forward mail (`/skillmesh/mailbox/1`, DESIGN §8).
+//! Store-and-forward mail (`/skillmesh/mailbox/1`, README.md §6).
 //!
 //! A sender seals a message for an offline recipient (end-to-end encrypted; the relay sees only
 //! ciphertext and the metadata below) and deposits it at the recipient's mailbox relays. The

@@ -111,7 +111,7 @@ pub enum Mode {
     Stream,
 }
 
-/// Who may call a skill (DESIGN §5).
+/// Who may call a skill.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize, Default)]
 #[serde(rename_all = "lowercase")]
 pub enum ShareMode {

@@ -1,6 +1,6 @@
 //! Wall-clock timestamps as they travel: whole milliseconds since the Unix epoch.
 //!
-//! Integers, not floats, so that signed data has one encoding (DESIGN §3).
+//! Integers, not floats, so that signed data has one encoding.
 
 use std::fmt;
 use std::time::{Duration, SystemTime, UNIX_EPOCH};

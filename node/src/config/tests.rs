@@ -10,6 +10,15 @@ fn defaults_are_valid_and_round_trip_through_the_default_file() {
 }
 
 #[test]
+fn a_file_from_an_older_init_still_loads() {
+    // `init` wrote `store.max_peers` while there was a peers table.
+    let c = Config::from_toml("[store]\nmax_peers = 10000\nmax_cards = 5\n").expect("loads");
+    c.validate().expect("valid");
+    assert_eq!(c.store.max_cards, 5);
+    assert!(!Config::default_file().contains("max_peers"));
+}
+
+#[test]
 fn file_errors_name_the_key() {
     let e = Config::from_toml("[network]\nmax_conections = 3\n").expect_err("unknown key");
     assert!(e.to_string().contains("max_conections"), "{e}");

@@ -218,7 +218,6 @@ impl Config {
 
         let s = &self.store;
         for (k, v) in [
-            ("store.max_peers", s.max_peers),
             ("store.max_cards", s.max_cards),
             ("store.max_skills", s.max_skills),
             ("store.max_call_log", s.max_call_log),

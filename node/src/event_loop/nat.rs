@@ -15,14 +15,13 @@ use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
 use libp2p::core::transport::ListenerId;
-use libp2p::kad::{self, RecordKey};
+use libp2p::kad;
 use libp2p::multiaddr::Protocol;
 use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, dcutr, relay};
 use serde::Serialize;
-use skillmesh_protocol::keys::relay_key;
 
-use super::{EventLoop, Pending};
+use super::EventLoop;
 use crate::config::{KadMode, Reachability};
 pub use crate::reach::Reach;
 use crate::reach::ReachStatus;
@@ -113,29 +112,43 @@ pub(super) struct Conn {
     since: Instant,
 }
 
+/// Relays: those known, the reservations asked for and held.
+#[derive(Default)]
+struct Relays {
+    /// Listen addresses of relays, as identify told them.
+    listen: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Relays asked for a reservation, by listener.
+    pending: HashMap<ListenerId, PeerId>,
+    /// Confirmed reservations and their circuit addresses.
+    reservations: HashMap<PeerId, Vec<Multiaddr>>,
+    /// Relays found in the DHT.
+    candidates: Vec<PeerId>,
+    searching: bool,
+    last_search: Option<Instant>,
+}
+
+/// Open connections and how each came to be.
+#[derive(Default)]
+struct Links {
+    open: HashMap<ConnectionId, Conn>,
+    /// When the first relayed connection to each peer with one opened: how long hole
+    /// punching took is measured from there.
+    relayed_since: HashMap<PeerId, Instant>,
+    /// Dials that reverse a relayed connection, until they connect or fail.
+    reversals: HashSet<ConnectionId>,
+    /// Relayed connections turned direct, and attempts that failed.
+    punched: u64,
+    punch_failed: u64,
+}
+
 pub(super) struct Nat {
     reach: Reach,
     /// When the node first connected to anyone: the undecided wait counts from there.
     first_connected: Option<Instant>,
     relaying: Option<Relaying>,
-    /// Listen addresses of relays, as identify told them.
-    relay_listen: HashMap<PeerId, Vec<Multiaddr>>,
-    /// Dials that reverse a relayed connection, until they connect or fail.
-    reversals: HashSet<ConnectionId>,
-    /// Relays asked for a reservation, by listener.
-    pending: HashMap<ListenerId, PeerId>,
-    /// Confirmed reservations and their circuit addresses.
-    reservations: HashMap<PeerId, Vec<Multiaddr>>,
-    candidates: Vec<PeerId>,
-    searching: bool,
-    last_search: Option<Instant>,
+    relays: Relays,
+    links: Links,
     last_check: Instant,
-    connections: HashMap<ConnectionId, Conn>,
-    /// When the first relayed connection to each peer with one opened: how long hole
-    /// punching took is measured from there.
-    relayed_since: HashMap<PeerId, Instant>,
-    punched: u64,
-    punch_failed: u64,
     /// Circuits this node relays now (as a relay server).
     circuits: usize,
 }
@@ -149,19 +162,10 @@ impl Nat {
                 Reachability::Private => Reach::Private,
             },
             first_connected: None,
-            relay_listen: HashMap::new(),
-            reversals: HashSet::new(),
             relaying: (configured == Reachability::Private).then_some(Relaying::Private),
-            pending: HashMap::new(),
-            reservations: HashMap::new(),
-            candidates: Vec::new(),
-            searching: false,
-            last_search: None,
+            relays: Relays::default(),
+            links: Links::default(),
             last_check: Instant::now() - CHECK_INTERVAL,
-            connections: HashMap::new(),
-            relayed_since: HashMap::new(),
-            punched: 0,
-            punch_failed: 0,
             circuits: 0,
         }
     }
@@ -188,6 +192,7 @@ impl EventLoop {
     pub(super) fn nat_status(&self) -> NatStatus {
         let mut reservations: Vec<_> = self
             .nat
+            .relays
             .reservations
             .iter()
             .map(|(p, a)| (*p, a.clone()))
@@ -195,7 +200,8 @@ impl EventLoop {
         reservations.sort_by_key(|(p, _)| p.to_bytes());
         let mut connections: Vec<ConnectionInfo> = self
             .nat
-            .connections
+            .links
+            .open
             .values()
             .map(|c| ConnectionInfo {
                 open_ms: u64::try_from(c.since.elapsed().as_millis()).unwrap_or(u64::MAX),
@@ -210,7 +216,7 @@ impl EventLoop {
             relay_server: self.config.relay.enabled,
             reservations,
             connections,
-            hole_punches: (self.nat.punched, self.nat.punch_failed),
+            hole_punches: (self.nat.links.punched, self.nat.links.punch_failed),
         }
     }
 
@@ -226,18 +232,19 @@ impl EventLoop {
         self.nat.first_connected.get_or_insert_with(Instant::now);
         if relayed {
             self.nat
+                .links
                 .relayed_since
                 .entry(peer)
                 .or_insert_with(Instant::now);
         }
-        let reversed = self.nat.reversals.remove(&id);
+        let reversed = self.nat.links.reversals.remove(&id);
         let path = match (relayed, outbound) {
             (true, _) => Path::Relayed,
             (false, true) if reversed => Path::Reversed,
             (false, true) => Path::Dialed,
             (false, false) => Path::Accepted,
         };
-        self.nat.connections.insert(
+        self.nat.links.open.insert(
             id,
             Conn {
                 info: ConnectionInfo {
@@ -288,23 +295,23 @@ impl EventLoop {
             .build();
         let id = opts.connection_id();
         if self.swarm.dial(opts).is_ok() {
-            if self.nat.reversals.len() >= MAX_REVERSALS {
-                self.nat.reversals.clear();
+            if self.nat.links.reversals.len() >= MAX_REVERSALS {
+                self.nat.links.reversals.clear();
             }
-            self.nat.reversals.insert(id);
+            self.nat.links.reversals.insert(id);
         }
     }
 
     /// A dial failed: if it was a reversal, it is over.
     pub(super) fn nat_dial_failed(&mut self, id: ConnectionId) {
-        self.nat.reversals.remove(&id);
+        self.nat.links.reversals.remove(&id);
     }
 
     pub(super) fn nat_connection_closed(&mut self, id: ConnectionId) {
-        if let Some(c) = self.nat.connections.remove(&id) {
+        if let Some(c) = self.nat.links.open.remove(&id) {
             let peer = c.info.peer;
-            if !self.nat.connections.values().any(|c| c.info.peer == peer) {
-                self.nat.relayed_since.remove(&peer);
+            if !self.nat.links.open.values().any(|c| c.info.peer == peer) {
+                self.nat.links.relayed_since.remove(&peer);
             }
         }
     }
@@ -352,7 +359,11 @@ impl EventLoop {
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
-                self.nat.reservations.entry(relay_peer_id).or_default();
+                self.nat
+                    .relays
+                    .reservations
+                    .entry(relay_peer_id)
+                    .or_default();
             }
             relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
                 tracing::debug!(peer = %src_peer_id, "inbound relayed connection");
@@ -390,10 +401,10 @@ impl EventLoop {
     pub(super) fn on_dcutr(&mut self, event: dcutr::Event) {
         match event.result {
             Ok(id) => {
-                self.nat.punched += 1;
+                self.nat.links.punched += 1;
                 let peer = event.remote_peer_id;
-                let after = self.nat.relayed_since.get(&peer).map(|t| t.elapsed());
-                if let Some(c) = self.nat.connections.get_mut(&id) {
+                let after = self.nat.links.relayed_since.get(&peer).map(|t| t.elapsed());
+                if let Some(c) = self.nat.links.open.get_mut(&id) {
                     c.info.path = Path::HolePunched;
                     c.info.punched_after_ms =
                         after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
@@ -402,7 +413,7 @@ impl EventLoop {
                 self.close_relayed(peer);
             }
             Err(e) => {
-                self.nat.punch_failed += 1;
+                self.nat.links.punch_failed += 1;
                 tracing::debug!(peer = %event.remote_peer_id, "hole punching failed: {e}");
             }
         }
@@ -413,12 +424,13 @@ impl EventLoop {
     /// relay's circuits run out (nat-relay-200's four relays refused thousands at 512). Not
     /// while a call or request is in flight: it may be on the relayed connection.
     fn close_relayed(&mut self, peer: PeerId) {
-        if self.activity.busy().contains(&peer) || self.requests.values().any(|r| r.peer == peer) {
+        if self.activity.busy().contains(&peer) || self.mail.busy().any(|p| p == peer) {
             return;
         }
         let relayed: Vec<ConnectionId> = self
             .nat
-            .connections
+            .links
+            .open
             .iter()
             .filter(|(_, c)| c.info.peer == peer && c.info.relayed)
             .map(|(id, _)| *id)
@@ -446,40 +458,40 @@ impl EventLoop {
         }
         let relay = self
             .nat
+            .relays
             .pending
             .get(&listener)
             .copied()
             .or_else(|| relay_of(addr));
         if let Some(relay) = relay {
-            let addrs = self.nat.reservations.entry(relay).or_default();
+            let addrs = self.nat.relays.reservations.entry(relay).or_default();
             if !addrs.contains(addr) {
                 addrs.push(addr.clone());
             }
             // Others must learn the circuit address: a new card soon.
-            let soon = Instant::now() + Duration::from_millis(200);
-            self.republish_due = Some(self.republish_due.map_or(soon, |t| t.min(soon)));
+            self.discovery.publish_soon();
         }
     }
 
     /// A listener ended: if it was a reservation, try again later (maybe elsewhere).
     pub(super) fn nat_listener_closed(&mut self, listener: ListenerId) {
-        if let Some(relay) = self.nat.pending.remove(&listener) {
+        if let Some(relay) = self.nat.relays.pending.remove(&listener) {
             tracing::debug!(%relay, "relay reservation ended");
-            self.nat.reservations.remove(&relay);
-            self.listen_addrs.retain(|a| relay_of(a) != Some(relay));
-            self.nat.candidates.retain(|c| *c != relay);
+            self.nat.relays.reservations.remove(&relay);
+            self.listening.addrs.retain(|a| relay_of(a) != Some(relay));
+            self.nat.relays.candidates.retain(|c| *c != relay);
         }
     }
 
     pub(super) fn nat_found_relays(&mut self, found: HashSet<PeerId>) {
-        self.nat.searching = false;
+        self.nat.relays.searching = false;
         let me = self.signing.peer_id();
         for p in found {
             if p != me
-                && !self.nat.candidates.contains(&p)
-                && self.nat.candidates.len() < MAX_CANDIDATES
+                && !self.nat.relays.candidates.contains(&p)
+                && self.nat.relays.candidates.len() < MAX_CANDIDATES
             {
-                self.nat.candidates.push(p);
+                self.nat.relays.candidates.push(p);
             }
         }
     }
@@ -487,7 +499,7 @@ impl EventLoop {
     /// A relay's listen addresses, from identify: a QUIC one, where it has one beside the
     /// address a reservation would use, is used instead.
     pub(super) fn nat_identified(&mut self, peer: PeerId, listen: &[Multiaddr]) {
-        let is_relay = self.nat.candidates.contains(&peer)
+        let is_relay = self.nat.relays.candidates.contains(&peer)
             || self
                 .config
                 .nat
@@ -495,7 +507,7 @@ impl EventLoop {
                 .iter()
                 .any(|a| a.iter().last() == Some(Protocol::P2p(peer)));
         if is_relay {
-            self.nat.relay_listen.insert(peer, listen.to_vec());
+            self.nat.relays.listen.insert(peer, listen.to_vec());
         }
     }
 
@@ -505,14 +517,14 @@ impl EventLoop {
     /// and a dial-back a NAT drops fails in the handshake's 5 s instead of a TCP timeout).
     fn reservation_addr(&self, relay: PeerId, given: Multiaddr) -> Multiaddr {
         let quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
-        let we_quic = self.listen_addrs.iter().any(quic);
+        let we_quic = self.listening.addrs.iter().any(quic);
         if !we_quic || quic(&given) {
             return given;
         }
         let ip = given
             .iter()
             .find(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)));
-        let found = self.nat.relay_listen.get(&relay).and_then(|addrs| {
+        let found = self.nat.relays.listen.get(&relay).and_then(|addrs| {
             addrs
                 .iter()
                 .find(|a| quic(a) && ip.is_some() && a.iter().next() == ip)
@@ -554,16 +566,16 @@ impl EventLoop {
             self.nat.relaying = relaying;
         }
         if relaying.is_none() {
-            if self.nat.reach == Reach::Public && !self.nat.pending.is_empty() {
+            if self.nat.reach == Reach::Public && !self.nat.relays.pending.is_empty() {
                 tracing::info!("public: giving up relay reservations");
-                for id in self.nat.pending.keys() {
+                for id in self.nat.relays.pending.keys() {
                     self.swarm.remove_listener(*id);
                 }
             }
             return;
         }
         let want = self.config.nat.max_reservations as usize;
-        let mut held: HashSet<PeerId> = self.nat.pending.values().copied().collect();
+        let mut held: HashSet<PeerId> = self.nat.relays.pending.values().copied().collect();
         if held.len() >= want {
             return;
         }
@@ -577,10 +589,11 @@ impl EventLoop {
         }
         // A relay found in the DHT is reserved on through an address it was dialed at; until
         // there is one, dial it (kad knows where it is).
-        for p in self.nat.candidates.clone() {
+        for p in self.nat.relays.candidates.clone() {
             let dialed = self
                 .nat
-                .connections
+                .links
+                .open
                 .values()
                 .find(|c| c.info.peer == p && c.info.outbound && !c.info.relayed)
                 .map(|c| c.info.addr.clone());
@@ -614,16 +627,18 @@ impl EventLoop {
             // it has it (a connected relay answers within milliseconds).
             let connected_for = self
                 .nat
-                .connections
+                .links
+                .open
                 .values()
                 .filter(|c| c.info.peer == relay)
                 .map(|c| c.since.elapsed())
                 .max();
             if self
-                .listen_addrs
+                .listening
+                .addrs
                 .iter()
                 .any(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
-                && !self.nat.relay_listen.contains_key(&relay)
+                && !self.nat.relays.listen.contains_key(&relay)
                 && connected_for.is_some_and(|d| d < IDENTIFY_WAIT)
             {
                 continue;
@@ -635,7 +650,7 @@ impl EventLoop {
             {
                 Ok(id) => {
                     tracing::debug!(%relay, %addr, "asking for a relay reservation");
-                    self.nat.pending.insert(id, relay);
+                    self.nat.relays.pending.insert(id, relay);
                     held.insert(relay);
                 }
                 Err(e) => tracing::debug!(%addr, "cannot reserve on relay: {e}"),
@@ -643,17 +658,14 @@ impl EventLoop {
         }
         let searched_lately = self
             .nat
+            .relays
             .last_search
             .is_some_and(|t| t.elapsed() < SEARCH_INTERVAL);
-        if held.len() < want && !self.nat.searching && !searched_lately {
-            self.nat.searching = true;
-            self.nat.last_search = Some(Instant::now());
-            let id = self
-                .swarm
-                .behaviour_mut()
-                .kad
-                .get_providers(RecordKey::new(&relay_key()));
-            self.queries.insert(id, Pending::Relays(HashSet::new()));
+        if held.len() < want && !self.nat.relays.searching && !searched_lately {
+            self.nat.relays.searching = true;
+            self.nat.relays.last_search = Some(Instant::now());
+            self.discovery
+                .search_relays(&mut self.swarm.behaviour_mut().kad);
         }
     }
 }

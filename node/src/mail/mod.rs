@@ -1,5 +1,5 @@
 //! End-to-end encrypted messages between agents, delivered directly or through mailboxes
-//! (DESIGN §8).
+//! (protocol/README.md §6).
 //!
 //! [`Messenger`] is the node's side of it: `send` seals a message (Olm, then a signed
 //! `sealed-message` envelope) and hands it to the recipient itself over `/skillmesh/mailbox/1`

@@ -307,26 +307,16 @@ impl ConnectionHandler for Handler {
 mod tests {
     use std::time::Duration;
 
+    use libp2p::Swarm;
     use libp2p::futures::{AsyncReadExt, AsyncWriteExt, StreamExt};
     use libp2p::swarm::SwarmEvent;
-    use libp2p::{Swarm, SwarmBuilder, noise, tcp, yamux};
 
     use super::*;
 
     const BOUND: Duration = Duration::from_secs(10);
 
     fn swarm() -> Swarm<Streams> {
-        SwarmBuilder::with_new_identity()
-            .with_tokio()
-            .with_tcp(
-                tcp::Config::default(),
-                noise::Config::new,
-                yamux::Config::default,
-            )
-            .expect("tcp")
-            .with_behaviour(|_| Streams::new())
-            .expect("behaviour")
-            .build()
+        crate::test_swarm::tcp(None, |_| Streams::new())
     }
 
     /// Two swarms connected, each driven by its own task.

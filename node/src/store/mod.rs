@@ -1,5 +1,5 @@
-//! Durable node state in one redb file (DESIGN §2): known peers, verified agent cards, this
-//! node's own skills, the mailbox it holds for others, and the call log.
+//! Durable node state in one redb file (docs/architecture.md): verified agent cards, this node's
+//! own skills, the mailbox it holds for others, the call log, Olm state and the inbox.
 //!
 //! Every table is bounded ([`StoreLimits`]). Each write is one redb transaction, fsynced on
 //! commit, so a write that returned is on disk. redb is a blocking API: every call here runs on
@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use libp2p::{Multiaddr, PeerId};
+use libp2p::PeerId;
 use redb::{Database, ReadableDatabase, ReadableTable, ReadableTableMetadata, TableDefinition};
 use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
@@ -32,7 +32,6 @@ const CACHE_BYTES: usize = 4 * 1024 * 1024;
 const MAX_RECORD_BYTES: usize = 2 * 1024 * 1024;
 
 const META: TableDefinition<'_, &str, u64> = TableDefinition::new("meta");
-const PEERS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("peers");
 const CARDS: TableDefinition<'_, &[u8], &[u8]> = TableDefinition::new("cards");
 const SKILLS: TableDefinition<'_, &str, &[u8]> = TableDefinition::new("skills");
 /// `lp(recipient) || arrival seq (u64 BE)` -> [`MailRecord`]: one recipient's mail in arrival order.
@@ -59,10 +58,15 @@ type IndexKey = [u8; 17];
 /// the log's commits, which at 64 calls in flight were the node's largest cost.
 type CallIndex = Arc<Mutex<HashMap<IndexKey, LogKey>>>;
 
+mod calls;
 mod inbox;
+mod mailbox;
+use calls::load_call_index;
+pub use calls::{CallLogEntry, CallState, Direction};
 pub(crate) use inbox::OlmState;
 pub use inbox::{Accepted, InboxEntry, SessionRow};
 use inbox::{INBOX, INBOX_MARK, OLM, OUT_SEQ};
+pub use mailbox::{Deposited, MailQuota, MailRecord};
 
 const KEY_SCHEMA: &str = "schema_version";
 const KEY_MAIL_SEQ: &str = "next_mail_seq";
@@ -73,8 +77,11 @@ const KEY_CALL_SEQ: &str = "next_call_seq";
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default, deny_unknown_fields)]
 pub struct StoreLimits {
-    /// Peers remembered; the least recently seen is forgotten first.
-    pub max_peers: u64,
+    /// No longer used: peers are not stored. Accepted, and ignored, so that configuration
+    /// files written by `init` before it went still load; `init` does not write it.
+    #[serde(skip_serializing)]
+    #[doc(hidden)]
+    pub max_peers: Option<u64>,
     /// Cards cached; expired ones go first, then the soonest to expire.
     pub max_cards: u64,
     /// Skills this node serves.
@@ -96,7 +103,7 @@ pub struct StoreLimits {
 impl Default for StoreLimits {
     fn default() -> Self {
         StoreLimits {
-            max_peers: 10_000,
+            max_peers: None,
             max_cards: 10_000,
             max_skills: skillmesh_protocol::MAX_SKILLS_PER_CARD as u64,
             max_call_log: 10_000,
@@ -184,45 +191,6 @@ from_redb!(
     redb::CommitError
 );
 
-/// Which mailbox quota a deposit would break.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-#[non_exhaustive]
-pub enum MailQuota {
-    /// Messages for the recipient.
-    RecipientCount,
-    /// Bytes for the recipient.
-    RecipientBytes,
-    /// Messages from the sender.
-    SenderCount,
-    /// Bytes from the sender.
-    SenderBytes,
-    /// Bytes in the whole mailbox.
-    Total,
-}
-
-impl std::fmt::Display for MailQuota {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        f.write_str(match self {
-            MailQuota::RecipientCount => "too many messages waiting for the recipient",
-            MailQuota::RecipientBytes => "too many bytes waiting for the recipient",
-            MailQuota::SenderCount => "too many messages waiting from this sender",
-            MailQuota::SenderBytes => "too many bytes waiting from this sender",
-            MailQuota::Total => "the mailbox is full",
-        })
-    }
-}
-
-/// What we know of a peer.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct PeerRecord {
-    /// The peer.
-    pub peer: PeerId,
-    /// Addresses it was reached at or announced.
-    pub addrs: Vec<Multiaddr>,
-    /// When it was last connected.
-    pub last_seen: Timestamp,
-}
-
 /// A verified agent card as stored: the envelope is kept as received, signature and all.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct StoredCard {
@@ -232,85 +200,6 @@ pub struct StoredCard {
     pub expires_at: Timestamp,
     /// The signed card envelope.
     pub envelope: ByteBuf,
-}
-
-/// A message held for an offline recipient.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct MailRecord {
-    /// sha256 of the sealed message payload.
-    pub id: MessageId,
-    /// Who sent it.
-    pub sender: PeerId,
-    /// Who may fetch it.
-    pub recipient: PeerId,
-    /// When it arrived.
-    pub deposited_at: Timestamp,
-    /// When it will be dropped.
-    pub expires_at: Timestamp,
-    /// The sealed message envelope.
-    pub envelope: ByteBuf,
-}
-
-/// Whether a deposit was new.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum Deposited {
-    /// Stored now.
-    Stored,
-    /// Already held (a sender retrying); nothing changed.
-    Duplicate,
-}
-
-/// Which side of a call this node was on.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum Direction {
-    /// We called.
-    Outbound,
-    /// We were called.
-    Inbound,
-}
-
-/// The lifecycle of a call (DESIGN §5).
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
-pub enum CallState {
-    /// Created, not yet sent.
-    Pending,
-    /// Sent toward the callee.
-    Routed,
-    /// Accepted, waiting for a slot.
-    Queued,
-    /// The handler runs.
-    Running,
-    /// Finished with a result.
-    Completed,
-    /// Finished with an error.
-    Failed,
-    /// Ran out of time.
-    Timeout,
-    /// Stopped by the caller.
-    Cancelled,
-}
-
-/// One line of the call log.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct CallLogEntry {
-    /// The call.
-    pub call_id: CallId,
-    /// Our side.
-    pub direction: Direction,
-    /// The other side.
-    pub peer: PeerId,
-    /// The skill.
-    pub skill: SkillName,
-    /// Where it is.
-    pub state: CallState,
-    /// Why it failed, if it did.
-    pub error: Option<ErrorCode>,
-    /// When it started.
-    pub started_at: Timestamp,
-    /// When its state last changed.
-    pub updated_at: Timestamp,
 }
 
 /// The node's store. Cheap to clone; all clones share one database.
@@ -378,7 +267,6 @@ impl Store {
                 Some(_) => {}
             }
             // Create every table so that readers never meet a missing one.
-            tx.open_table(PEERS)?;
             tx.open_table(CARDS)?;
             tx.open_table(SKILLS)?;
             tx.open_table(MAIL)?;
@@ -435,47 +323,6 @@ impl Store {
             Ok(meta.get(KEY_SCHEMA)?.map(|v| v.value()).unwrap_or(0))
         })
         .await
-    }
-
-    // ---- peers -------------------------------------------------------------------------------
-
-    /// Records a peer, forgetting the least recently seen one if the table is full.
-    pub async fn put_peer(&self, record: PeerRecord) -> Result<(), StoreError> {
-        self.run(move |db, limits| {
-            let tx = db.begin_write()?;
-            {
-                let mut t = tx.open_table(PEERS)?;
-                let key = record.peer.to_bytes();
-                if t.get(key.as_slice())?.is_none() && t.len()? >= limits.max_peers {
-                    let mut oldest: Option<(Vec<u8>, Timestamp)> = None;
-                    for row in t.iter()? {
-                        let (k, v) = row?;
-                        let r: PeerRecord = decode("peers", v.value())?;
-                        if oldest.as_ref().is_none_or(|(_, t)| r.last_seen < *t) {
-                            oldest = Some((k.value().to_vec(), r.last_seen));
-                        }
-                    }
-                    if let Some((k, _)) = oldest {
-                        t.remove(k.as_slice())?;
-                    }
-                }
-                t.insert(key.as_slice(), to_cbor(&record).as_slice())?;
-            }
-            tx.commit()?;
-            Ok(())
-        })
-        .await
-    }
-
-    /// A peer's record.
-    pub async fn peer(&self, peer: PeerId) -> Result<Option<PeerRecord>, StoreError> {
-        self.run(move |db, _| get(db, PEERS, "peers", peer.to_bytes().as_slice()))
-            .await
-    }
-
-    /// Every known peer.
-    pub async fn peers(&self) -> Result<Vec<PeerRecord>, StoreError> {
-        self.run(|db, _| all(db, PEERS, "peers")).await
     }
 
     // ---- cards -------------------------------------------------------------------------------
@@ -565,298 +412,6 @@ impl Store {
     pub async fn skills(&self) -> Result<Vec<SkillSpec>, StoreError> {
         self.run(|db, _| all(db, SKILLS, "skills")).await
     }
-
-    // ---- mailbox -----------------------------------------------------------------------------
-
-    /// Stores messages for their recipients in one transaction (one fsync for the batch), each
-    /// within its quotas. Results are in input order; a refused message does not affect others.
-    pub async fn deposit_mail(
-        &self,
-        records: Vec<MailRecord>,
-    ) -> Result<Vec<Result<Deposited, MailQuota>>, StoreError> {
-        self.run(move |db, limits| {
-            let tx = db.begin_write()?;
-            let mut results = Vec::with_capacity(records.len());
-            {
-                let mut meta = tx.open_table(META)?;
-                let mut mail = tx.open_table(MAIL)?;
-                let mut expiry = tx.open_table(MAIL_EXPIRY)?;
-                let mut ids = tx.open_table(MAIL_IDS)?;
-                let mut usage = tx.open_table(MAIL_USAGE)?;
-                let mut seq = meta.get(KEY_MAIL_SEQ)?.map(|v| v.value()).unwrap_or(0);
-                let mut total = meta.get(KEY_MAIL_BYTES)?.map(|v| v.value()).unwrap_or(0);
-                for r in records {
-                    if ids.get(r.id.0.as_slice())?.is_some() {
-                        results.push(Ok(Deposited::Duplicate));
-                        continue;
-                    }
-                    let size = r.envelope.len() as u64;
-                    let rkey = usage_key(b'r', &r.recipient);
-                    let skey = usage_key(b's', &r.sender);
-                    let (rc, rb) = usage
-                        .get(rkey.as_slice())?
-                        .map(|v| v.value())
-                        .unwrap_or((0, 0));
-                    let (sc, sb) = usage
-                        .get(skey.as_slice())?
-                        .map(|v| v.value())
-                        .unwrap_or((0, 0));
-                    let refused = if rc + 1 > limits.mail_per_recipient {
-                        Some(MailQuota::RecipientCount)
-                    } else if rb + size > limits.mail_bytes_per_recipient {
-                        Some(MailQuota::RecipientBytes)
-                    } else if sc + 1 > limits.mail_per_sender {
-                        Some(MailQuota::SenderCount)
-                    } else if sb + size > limits.mail_bytes_per_sender {
-                        Some(MailQuota::SenderBytes)
-                    } else if total + size > limits.mail_bytes_total {
-                        Some(MailQuota::Total)
-                    } else {
-                        None
-                    };
-                    if let Some(q) = refused {
-                        results.push(Err(q));
-                        continue;
-                    }
-                    let key = mail_key(&r.recipient, seq);
-                    seq += 1;
-                    total += size;
-                    mail.insert(key.as_slice(), to_cbor(&r).as_slice())?;
-                    expiry.insert(expiry_key(r.expires_at, &key).as_slice(), ())?;
-                    ids.insert(r.id.0.as_slice(), key.as_slice())?;
-                    usage.insert(rkey.as_slice(), (rc + 1, rb + size))?;
-                    usage.insert(skey.as_slice(), (sc + 1, sb + size))?;
-                    results.push(Ok(Deposited::Stored));
-                }
-                meta.insert(KEY_MAIL_SEQ, seq)?;
-                meta.insert(KEY_MAIL_BYTES, total)?;
-            }
-            tx.commit()?;
-            Ok(results)
-        })
-        .await
-    }
-
-    /// Up to `limit` unexpired messages for `recipient`, oldest first, and whether more wait.
-    pub async fn fetch_mail(
-        &self,
-        recipient: PeerId,
-        limit: usize,
-        now: Timestamp,
-    ) -> Result<(Vec<MailRecord>, bool), StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(MAIL)?;
-            let (lo, hi) = peer_range(&recipient);
-            let mut out = Vec::new();
-            let mut more = false;
-            for row in t.range(lo.as_slice()..hi.as_slice())? {
-                let r: MailRecord = decode("mail", row?.1.value())?;
-                if r.expires_at < now {
-                    continue;
-                }
-                if out.len() == limit {
-                    more = true;
-                    break;
-                }
-                out.push(r);
-            }
-            Ok((out, more))
-        })
-        .await
-    }
-
-    /// Deletes `recipient`'s messages with these ids; ids of others' mail are ignored. Returns
-    /// how many were deleted.
-    pub async fn ack_mail(
-        &self,
-        recipient: PeerId,
-        acked: Vec<MessageId>,
-    ) -> Result<u64, StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_write()?;
-            let mut n = 0;
-            {
-                let ids = tx.open_table(MAIL_IDS)?;
-                let mut keys = Vec::new();
-                let prefix = lp(&recipient);
-                for id in &acked {
-                    if let Some(k) = ids.get(id.0.as_slice())?
-                        && k.value().starts_with(&prefix)
-                    {
-                        keys.push(k.value().to_vec());
-                    }
-                }
-                drop(ids);
-                for k in keys {
-                    n += remove_mail(&tx, &k)? as u64;
-                }
-            }
-            tx.commit()?;
-            Ok(n)
-        })
-        .await
-    }
-
-    /// Deletes all mail expired at `now`; returns how many.
-    pub async fn purge_expired_mail(&self, now: Timestamp) -> Result<u64, StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_write()?;
-            let mut n = 0;
-            {
-                let expiry = tx.open_table(MAIL_EXPIRY)?;
-                let hi = (now.as_millis()).to_be_bytes();
-                let mut keys = Vec::new();
-                for row in expiry.range(..hi.as_slice())? {
-                    keys.push(row?.0.value()[8..].to_vec());
-                }
-                drop(expiry);
-                for k in keys {
-                    n += remove_mail(&tx, &k)? as u64;
-                }
-            }
-            tx.commit()?;
-            Ok(n)
-        })
-        .await
-    }
-
-    /// Messages and bytes held for `recipient`.
-    pub async fn mail_usage(&self, recipient: PeerId) -> Result<(u64, u64), StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(MAIL_USAGE)?;
-            Ok(t.get(usage_key(b'r', &recipient).as_slice())?
-                .map(|v| v.value())
-                .unwrap_or((0, 0)))
-        })
-        .await
-    }
-
-    // ---- call log ----------------------------------------------------------------------------
-
-    /// Adds calls or updates their state in one transaction, dropping the oldest entries
-    /// beyond the limit. With `durable` false the commit is not
-    /// fsynced (a later durable commit, or a clean close, persists it): the call log is a
-    /// record for people, and must not cost every call a disk flush.
-    pub async fn log_calls(
-        &self,
-        entries: Vec<CallLogEntry>,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let index = self.call_index.clone();
-        self.run(move |db, limits| write_call_log(db, limits, &index, entries, durable))
-            .await
-    }
-
-    /// [`Store::log_calls`] on the process's low-priority thread (`background`), where the
-    /// commit never takes a core from a call.
-    pub(crate) async fn log_calls_in_background(
-        &self,
-        entries: Vec<CallLogEntry>,
-        durable: bool,
-    ) -> Result<(), StoreError> {
-        let index = self.call_index.clone();
-        self.run_in_background(move |db, limits| {
-            write_call_log(db, limits, &index, entries, durable)
-        })
-        .await
-    }
-
-    /// The newest `limit` call log entries, newest first.
-    pub async fn recent_calls(&self, limit: usize) -> Result<Vec<CallLogEntry>, StoreError> {
-        self.run(move |db, _| {
-            let tx = db.begin_read()?;
-            let t = tx.open_table(CALL_LOG)?;
-            let mut out = Vec::new();
-            for row in t.iter()?.rev().take(limit) {
-                out.push(decode("call_log", row?.1.value())?);
-            }
-            Ok(out)
-        })
-        .await
-    }
-}
-
-/// Adds or updates `entries` in one transaction, dropping the oldest beyond the limit.
-fn write_call_log(
-    db: &Database,
-    limits: &StoreLimits,
-    index: &Mutex<HashMap<IndexKey, LogKey>>,
-    entries: Vec<CallLogEntry>,
-    durable: bool,
-) -> Result<(), StoreError> {
-    // Held through the commit: the index follows the log's transactions one by one.
-    let mut index = index.lock().unwrap_or_else(|e| e.into_inner());
-    let written = write_call_log_tx(db, limits, &mut index, entries, durable);
-    if written.is_err() {
-        // The index may hold what the failed transaction did not: read it again from the log.
-        *index = load_call_index(db).unwrap_or_else(|e| {
-            // Updates then log a call's new state as a new entry instead of replacing the old.
-            tracing::warn!("call log index not reloaded: {e}");
-            HashMap::new()
-        });
-    }
-    written
-}
-
-fn write_call_log_tx(
-    db: &Database,
-    limits: &StoreLimits,
-    index: &mut HashMap<IndexKey, LogKey>,
-    entries: Vec<CallLogEntry>,
-    durable: bool,
-) -> Result<(), StoreError> {
-    let mut tx = db.begin_write()?;
-    if !durable {
-        let _ = tx.set_durability(redb::Durability::None);
-    }
-    {
-        let mut log = tx.open_table(CALL_LOG)?;
-        let mut meta = tx.open_table(META)?;
-        let mut seq = meta.get(KEY_CALL_SEQ)?.map(|v| v.value()).unwrap_or(0);
-        for entry in entries {
-            let ikey = call_index_key(&entry.call_id, entry.direction);
-            let key = *index.entry(ikey).or_insert_with(|| {
-                let mut k = LogKey::default();
-                k[..8].copy_from_slice(&seq.to_be_bytes());
-                k[8..].copy_from_slice(&ikey);
-                seq += 1;
-                k
-            });
-            log.insert(key.as_slice(), to_cbor(&entry).as_slice())?;
-        }
-        meta.insert(KEY_CALL_SEQ, seq)?;
-        while log.len()? > limits.max_call_log {
-            let Some((k, _)) = log.pop_first()? else {
-                break;
-            };
-            if let Some(ikey) = index_key_of(k.value()) {
-                index.remove(&ikey);
-            }
-        }
-    }
-    tx.commit()?;
-    Ok(())
-}
-
-/// The call index of the entries in the log (see [`CallIndex`]).
-fn load_call_index(db: &Database) -> Result<HashMap<IndexKey, LogKey>, StoreError> {
-    let tx = db.begin_read()?;
-    let log = tx.open_table(CALL_LOG)?;
-    let mut index = HashMap::new();
-    for row in log.iter()? {
-        let (k, _) = row?;
-        if let (Some(ikey), Ok(key)) = (index_key_of(k.value()), LogKey::try_from(k.value())) {
-            index.insert(ikey, key);
-        }
-    }
-    Ok(index)
-}
-
-/// The `call id || direction` part of a call log key.
-fn index_key_of(key: &[u8]) -> Option<IndexKey> {
-    key.get(8..).and_then(|k| IndexKey::try_from(k).ok())
 }
 
 fn decode<T: DeserializeOwned>(table: &'static str, bytes: &[u8]) -> Result<T, StoreError> {
@@ -922,37 +477,6 @@ fn make_room_for_card(
     }
 }
 
-/// Removes one message by its mail key and updates the indexes and usage; false if absent.
-fn remove_mail(tx: &redb::WriteTransaction, key: &[u8]) -> Result<bool, StoreError> {
-    let mut mail = tx.open_table(MAIL)?;
-    let Some(v) = mail.remove(key)? else {
-        return Ok(false);
-    };
-    let r: MailRecord = decode("mail", v.value())?;
-    drop(v);
-    let size = r.envelope.len() as u64;
-    tx.open_table(MAIL_EXPIRY)?
-        .remove(expiry_key(r.expires_at, key).as_slice())?;
-    tx.open_table(MAIL_IDS)?.remove(r.id.0.as_slice())?;
-    let mut usage = tx.open_table(MAIL_USAGE)?;
-    for (kind, peer) in [(b'r', &r.recipient), (b's', &r.sender)] {
-        let k = usage_key(kind, peer);
-        let (c, b) = usage
-            .get(k.as_slice())?
-            .map(|v| v.value())
-            .unwrap_or((0, 0));
-        if c <= 1 {
-            usage.remove(k.as_slice())?;
-        } else {
-            usage.insert(k.as_slice(), (c - 1, b.saturating_sub(size)))?;
-        }
-    }
-    let mut meta = tx.open_table(META)?;
-    let total = meta.get(KEY_MAIL_BYTES)?.map(|v| v.value()).unwrap_or(0);
-    meta.insert(KEY_MAIL_BYTES, total.saturating_sub(size))?;
-    Ok(true)
-}
-
 /// A peer id prefixed by its length, so one peer's keys form a contiguous range.
 fn lp(peer: &PeerId) -> Vec<u8> {
     let b = peer.to_bytes();
@@ -967,32 +491,4 @@ fn peer_range(peer: &PeerId) -> (Vec<u8>, Vec<u8>) {
     let mut hi = lo.clone();
     hi.extend_from_slice(&[0xff; 9]);
     (lo, hi)
-}
-
-fn mail_key(recipient: &PeerId, seq: u64) -> Vec<u8> {
-    let mut k = lp(recipient);
-    k.extend_from_slice(&seq.to_be_bytes());
-    k
-}
-
-fn expiry_key(expires_at: Timestamp, mail_key: &[u8]) -> Vec<u8> {
-    let mut k = expires_at.as_millis().to_be_bytes().to_vec();
-    k.extend_from_slice(mail_key);
-    k
-}
-
-fn usage_key(kind: u8, peer: &PeerId) -> Vec<u8> {
-    let mut k = vec![kind];
-    k.extend_from_slice(&peer.to_bytes());
-    k
-}
-
-fn call_index_key(id: &CallId, dir: Direction) -> IndexKey {
-    let mut k = IndexKey::default();
-    k[..16].copy_from_slice(&id.0);
-    k[16] = match dir {
-        Direction::Outbound => 0,
-        Direction::Inbound => 1,
-    };
-    k
 }
