@@ -119,6 +119,12 @@ pub(crate) enum Command {
     },
 }
 
+/// Whether `peer` has a call on a pipe or a mail request in flight, either way: a connection
+/// it may be using stays.
+fn busy_with(activity: &Activity, mail: &MailTransport, peer: &PeerId) -> bool {
+    activity.busy().contains(peer) || mail.busy().any(|p| p == *peer)
+}
+
 /// This node's listen addresses, and who waits for the first.
 #[derive(Default)]
 struct Listening {
@@ -175,15 +181,16 @@ impl EventLoop {
             p.metrics.clone(),
             p.bootstrap,
         );
+        let nat = nat::Nat::new(p.config.clone(), p.signing.peer_id());
         EventLoop {
             swarm,
             commands,
+            nat,
             activity: p.activity,
             stop_serving: p.stop_serving,
             metrics: p.metrics,
             p2p_metrics: p.p2p_metrics,
             signing: p.signing,
-            nat: nat::Nat::new(p.config.nat.reachability),
             config: p.config,
             listening: Listening::default(),
             discovery,
@@ -308,7 +315,8 @@ impl EventLoop {
             }
             Command::WaitConnected { reply } => b.conns.wait_connected(reply),
             Command::NatStatus { reply } => {
-                let _ = reply.send(self.nat_status());
+                let probes = self.swarm.behaviour().reach.status();
+                let _ = reply.send(self.nat.status(probes));
             }
             Command::Shutdown { .. } => unreachable!("handled by run"),
         }
@@ -383,7 +391,10 @@ impl EventLoop {
         if self.discovery.publish_due() {
             self.republish(None);
         }
-        self.nat_check();
+        if self.nat.check(&mut self.swarm, &self.listening.addrs) {
+            self.discovery
+                .search_relays(&mut self.swarm.behaviour_mut().kad);
+        }
         let card = self.discovery.own_card().map(|(_, bytes)| bytes.as_slice());
         let b = self.swarm.behaviour_mut();
         self.topics
@@ -438,14 +449,14 @@ impl EventLoop {
         self.p2p_metrics.record(&event);
         match &event {
             SwarmEvent::OutgoingConnectionError { connection_id, .. } => {
-                self.nat_dial_failed(*connection_id);
+                self.nat.dial_failed(*connection_id);
             }
             SwarmEvent::Behaviour(BehaviourEvent::Kad(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Gossipsub(e)) => self.p2p_metrics.record(e),
             SwarmEvent::Behaviour(BehaviourEvent::Identify(e)) => {
                 self.p2p_metrics.record(e);
                 if let identify::Event::Received { peer_id, info, .. } = e {
-                    self.nat_identified(*peer_id, &info.listen_addrs);
+                    self.nat.identified(*peer_id, &info.listen_addrs);
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Ping(e)) => self.p2p_metrics.record(e),
@@ -461,7 +472,13 @@ impl EventLoop {
                 address,
                 listener_id,
             } => {
-                self.nat_new_listen_addr(listener_id, &address);
+                if self
+                    .nat
+                    .new_listen_addr(&mut self.swarm, listener_id, &address)
+                {
+                    // Others must learn a circuit address: a new card soon.
+                    self.discovery.publish_soon();
+                }
                 tracing::info!(%address, "listening");
                 self.listening.addrs.push(address);
                 for w in self.listening.waiters.drain(..) {
@@ -474,13 +491,17 @@ impl EventLoop {
                 ..
             } => {
                 tracing::debug!(?listener_id, ?reason, "listener closed");
-                self.nat_listener_closed(listener_id);
+                if let Some(relay) = self.nat.listener_closed(listener_id) {
+                    self.listening
+                        .addrs
+                        .retain(|a| nat::relay_of(a) != Some(relay));
+                }
             }
             SwarmEvent::ExpiredListenAddr { address, .. } => {
                 self.listening.addrs.retain(|a| *a != address);
             }
             SwarmEvent::ConnectionClosed { connection_id, .. } => {
-                self.nat_connection_closed(connection_id);
+                self.nat.connection_closed(connection_id);
             }
             SwarmEvent::ConnectionEstablished {
                 peer_id,
@@ -488,7 +509,18 @@ impl EventLoop {
                 endpoint,
                 ..
             } => {
-                self.nat_connection(connection_id, peer_id, &endpoint);
+                let card_addrs = self
+                    .topics
+                    .card(&peer_id)
+                    .map(|c| c.addrs.clone())
+                    .unwrap_or_default();
+                let (activity, mail) = (&self.activity, &self.mail);
+                self.nat.connection(
+                    &mut self.swarm,
+                    (connection_id, peer_id, &endpoint),
+                    card_addrs,
+                    |p| busy_with(activity, mail, p),
+                );
                 self.mail.service().messenger().connected(&peer_id);
                 let kad = &mut self.swarm.behaviour_mut().kad;
                 if self.discovery.connected(kad, &peer_id) {
@@ -520,10 +552,16 @@ impl EventLoop {
                 }
             }
             SwarmEvent::Behaviour(BehaviourEvent::Conns(e)) => self.on_conns(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Reach(e)) => self.on_reach(e),
-            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.on_relay_client(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => self.on_dcutr(e),
-            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.on_relay(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Reach(e)) => {
+                self.nat.on_reach(&mut self.swarm, e)
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::RelayClient(e)) => self.nat.on_relay_client(e),
+            SwarmEvent::Behaviour(BehaviourEvent::Dcutr(e)) => {
+                let (activity, mail) = (&self.activity, &self.mail);
+                self.nat
+                    .on_dcutr(&mut self.swarm, e, |p| busy_with(activity, mail, p));
+            }
+            SwarmEvent::Behaviour(BehaviourEvent::Relay(e)) => self.nat.on_relay(e),
             SwarmEvent::Behaviour(BehaviourEvent::Mailbox(e)) => match self.mail.on_event(e) {
                 Needs::Nothing => {}
                 Needs::Active(peer) => self.swarm.behaviour_mut().conns.touch(&peer),
@@ -587,7 +625,7 @@ impl EventLoop {
                 b.conns.located(peer, &addrs);
                 self.mail.located(&mut b.mailbox, peer, &addrs);
             }
-            Found::Relays(relays) => self.nat_found_relays(relays),
+            Found::Relays(relays) => self.nat.found_relays(relays),
         }
     }
 

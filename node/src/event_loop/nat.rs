@@ -9,8 +9,15 @@
 //! circuit address, which goes into its card so others can reach it through the relay; DCUtR
 //! then tries to turn each relayed connection into a direct one. A node found public gives its
 //! reservations up.
+//!
+//! [`Nat`] owns this state and works on the swarm it is handed: reservations are listeners,
+//! reversals are dials, and the DHT mode follows the verdict. What it needs of the rest of the
+//! node comes as arguments (a peer's card addresses, whether a peer is busy, where this node
+//! listens), and what the rest must do comes back: a card to republish, relays to search for,
+//! a relay's circuit addresses to forget.
 
 use std::collections::{HashMap, HashSet};
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use libp2p::core::ConnectedPoint;
@@ -21,7 +28,9 @@ use libp2p::swarm::ConnectionId;
 use libp2p::{Multiaddr, PeerId, dcutr, relay};
 use serde::Serialize;
 
-use super::EventLoop;
+use super::Swarm;
+use crate::behaviour::Behaviour;
+use crate::config::Config;
 use crate::config::{KadMode, Reachability};
 pub use crate::reach::Reach;
 use crate::reach::ReachStatus;
@@ -142,6 +151,8 @@ struct Links {
 }
 
 pub(super) struct Nat {
+    config: Arc<Config>,
+    me: PeerId,
     reach: Reach,
     /// When the node first connected to anyone: the undecided wait counts from there.
     first_connected: Option<Instant>,
@@ -154,8 +165,11 @@ pub(super) struct Nat {
 }
 
 impl Nat {
-    pub(super) fn new(configured: Reachability) -> Self {
+    pub(super) fn new(config: Arc<Config>, me: PeerId) -> Self {
+        let configured = config.nat.reachability;
         Nat {
+            config,
+            me,
             reach: match configured {
                 Reachability::Auto => Reach::Unknown,
                 Reachability::Public => Reach::Public,
@@ -171,12 +185,16 @@ impl Nat {
     }
 }
 
+fn quic(addr: &Multiaddr) -> bool {
+    addr.iter().any(|p| matches!(p, Protocol::QuicV1))
+}
+
 fn is_relayed(addr: &Multiaddr) -> bool {
     addr.iter().any(|p| matches!(p, Protocol::P2pCircuit))
 }
 
 /// The relay a circuit address goes through.
-fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
+pub(super) fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
     let mut last = None;
     for p in addr.iter() {
         match p {
@@ -188,10 +206,10 @@ fn relay_of(addr: &Multiaddr) -> Option<PeerId> {
     None
 }
 
-impl EventLoop {
-    pub(super) fn nat_status(&self) -> NatStatus {
+impl Nat {
+    /// The snapshot `status` shows; `probes` is what the reachability behaviour found.
+    pub(super) fn status(&self, probes: ReachStatus) -> NatStatus {
         let mut reservations: Vec<_> = self
-            .nat
             .relays
             .reservations
             .iter()
@@ -199,7 +217,6 @@ impl EventLoop {
             .collect();
         reservations.sort_by_key(|(p, _)| p.to_bytes());
         let mut connections: Vec<ConnectionInfo> = self
-            .nat
             .links
             .open
             .values()
@@ -210,41 +227,43 @@ impl EventLoop {
             .collect();
         connections.sort_by_key(|c| (c.peer.to_bytes(), c.open_ms));
         NatStatus {
-            reachability: self.nat.reach,
-            relaying: self.nat.relaying,
-            probes: self.swarm.behaviour().reach.status(),
+            reachability: self.reach,
+            relaying: self.relaying,
+            probes,
             relay_server: self.config.relay.enabled,
             reservations,
             connections,
-            hole_punches: (self.nat.links.punched, self.nat.links.punch_failed),
+            hole_punches: (self.links.punched, self.links.punch_failed),
         }
     }
 
-    pub(super) fn nat_connection(
+    /// A connection opened. `peer`'s card addresses, if its card is known, are where a
+    /// reversal may dial; `busy` says whether a peer has a call or request in flight.
+    pub(super) fn connection(
         &mut self,
-        id: ConnectionId,
-        peer: PeerId,
-        endpoint: &ConnectedPoint,
+        swarm: &mut Swarm<Behaviour>,
+        (id, peer, endpoint): (ConnectionId, PeerId, &ConnectedPoint),
+        card_addrs: Vec<Multiaddr>,
+        busy: impl Fn(&PeerId) -> bool,
     ) {
         let addr = endpoint.get_remote_address().clone();
         let relayed = endpoint.is_relayed();
         let outbound = endpoint.is_dialer();
-        self.nat.first_connected.get_or_insert_with(Instant::now);
+        self.first_connected.get_or_insert_with(Instant::now);
         if relayed {
-            self.nat
-                .links
+            self.links
                 .relayed_since
                 .entry(peer)
                 .or_insert_with(Instant::now);
         }
-        let reversed = self.nat.links.reversals.remove(&id);
+        let reversed = self.links.reversals.remove(&id);
         let path = match (relayed, outbound) {
             (true, _) => Path::Relayed,
             (false, true) if reversed => Path::Reversed,
             (false, true) => Path::Dialed,
             (false, false) => Path::Accepted,
         };
-        self.nat.links.open.insert(
+        self.links.open.insert(
             id,
             Conn {
                 info: ConnectionInfo {
@@ -260,10 +279,10 @@ impl EventLoop {
             },
         );
         if relayed && !outbound {
-            self.reverse(peer);
+            self.reverse(swarm, peer, card_addrs);
         } else if reversed {
             tracing::debug!(%peer, "connection reversed: direct");
-            self.close_relayed(peer);
+            self.close_relayed(swarm, peer, busy);
         }
     }
 
@@ -273,13 +292,9 @@ impl EventLoop {
     /// reaches the peer as a plain inbound connection while DCUtR has both ends act as the
     /// listener, and the handshake never completes (netsim: no public-EDM pair was ever
     /// punched).
-    fn reverse(&mut self, peer: PeerId) {
-        let mut addrs: Vec<Multiaddr> = self
-            .topics
-            .card(&peer)
-            .map(|c| c.addrs.clone())
-            .unwrap_or_default();
-        if let Some(bucket) = self.swarm.behaviour_mut().kad.kbucket(peer)
+    fn reverse(&mut self, swarm: &mut Swarm<Behaviour>, peer: PeerId, card_addrs: Vec<Multiaddr>) {
+        let mut addrs = card_addrs;
+        if let Some(bucket) = swarm.behaviour_mut().kad.kbucket(peer)
             && let Some(entry) = bucket.iter().find(|e| e.node.key.preimage() == &peer)
         {
             addrs.extend(entry.node.value.iter().cloned());
@@ -294,24 +309,24 @@ impl EventLoop {
             .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
             .build();
         let id = opts.connection_id();
-        if self.swarm.dial(opts).is_ok() {
-            if self.nat.links.reversals.len() >= MAX_REVERSALS {
-                self.nat.links.reversals.clear();
+        if swarm.dial(opts).is_ok() {
+            if self.links.reversals.len() >= MAX_REVERSALS {
+                self.links.reversals.clear();
             }
-            self.nat.links.reversals.insert(id);
+            self.links.reversals.insert(id);
         }
     }
 
     /// A dial failed: if it was a reversal, it is over.
-    pub(super) fn nat_dial_failed(&mut self, id: ConnectionId) {
-        self.nat.links.reversals.remove(&id);
+    pub(super) fn dial_failed(&mut self, id: ConnectionId) {
+        self.links.reversals.remove(&id);
     }
 
-    pub(super) fn nat_connection_closed(&mut self, id: ConnectionId) {
-        if let Some(c) = self.nat.links.open.remove(&id) {
+    pub(super) fn connection_closed(&mut self, id: ConnectionId) {
+        if let Some(c) = self.links.open.remove(&id) {
             let peer = c.info.peer;
-            if !self.nat.links.open.values().any(|c| c.info.peer == peer) {
-                self.nat.links.relayed_since.remove(&peer);
+            if !self.links.open.values().any(|c| c.info.peer == peer) {
+                self.links.relayed_since.remove(&peer);
             }
         }
     }
@@ -319,28 +334,28 @@ impl EventLoop {
     /// The node's verdict changed (or the configured reachability stands): the DHT mode
     /// follows it. Only a verdict turns a node into a DHT client, and a verdict takes
     /// agreeing answers from more than one probe (`crate::reach`).
-    fn set_reach(&mut self, reach: Reach) {
-        if self.nat.reach == reach {
+    fn set_reach(&mut self, swarm: &mut Swarm<Behaviour>, reach: Reach) {
+        if self.reach == reach {
             return;
         }
         tracing::info!(?reach, "reachability changed");
-        self.nat.reach = reach;
+        self.reach = reach;
         if self.config.dht.mode == KadMode::Auto {
             // Behind NAT nobody can ask us; answering would only waste others' lookups.
             let mode = match reach {
                 Reach::Private => kad::Mode::Client,
                 _ => kad::Mode::Server,
             };
-            self.swarm.behaviour_mut().kad.set_mode(Some(mode));
+            swarm.behaviour_mut().kad.set_mode(Some(mode));
         }
-        self.nat.last_check = Instant::now() - CHECK_INTERVAL;
+        self.last_check = Instant::now() - CHECK_INTERVAL;
     }
 
-    pub(super) fn on_reach(&mut self, event: crate::reach::Event) {
+    pub(super) fn on_reach(&mut self, swarm: &mut Swarm<Behaviour>, event: crate::reach::Event) {
         match event {
             crate::reach::Event::Changed(reach) => {
                 if self.config.nat.reachability == Reachability::Auto {
-                    self.set_reach(reach);
+                    self.set_reach(swarm, reach);
                 }
             }
             crate::reach::Event::Served { client } => {
@@ -359,11 +374,7 @@ impl EventLoop {
                 if !renewal {
                     tracing::info!(relay = %relay_peer_id, "relay reservation accepted");
                 }
-                self.nat
-                    .relays
-                    .reservations
-                    .entry(relay_peer_id)
-                    .or_default();
+                self.relays.reservations.entry(relay_peer_id).or_default();
             }
             relay::client::Event::InboundCircuitEstablished { src_peer_id, .. } => {
                 tracing::debug!(peer = %src_peer_id, "inbound relayed connection");
@@ -376,9 +387,9 @@ impl EventLoop {
     /// limit is the same "resource limit exceeded").
     pub(super) fn on_relay(&mut self, event: relay::Event) {
         match event {
-            relay::Event::CircuitReqAccepted { .. } => self.nat.circuits += 1,
+            relay::Event::CircuitReqAccepted { .. } => self.circuits += 1,
             relay::Event::CircuitClosed { .. } => {
-                self.nat.circuits = self.nat.circuits.saturating_sub(1);
+                self.circuits = self.circuits.saturating_sub(1);
             }
             relay::Event::CircuitReqDenied {
                 src_peer_id,
@@ -389,7 +400,7 @@ impl EventLoop {
                     src = %src_peer_id,
                     dst = %dst_peer_id,
                     ?status,
-                    circuits = self.nat.circuits,
+                    circuits = self.circuits,
                     max = self.config.relay.max_circuits,
                     "circuit refused"
                 );
@@ -398,22 +409,27 @@ impl EventLoop {
         }
     }
 
-    pub(super) fn on_dcutr(&mut self, event: dcutr::Event) {
+    pub(super) fn on_dcutr(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        event: dcutr::Event,
+        busy: impl Fn(&PeerId) -> bool,
+    ) {
         match event.result {
             Ok(id) => {
-                self.nat.links.punched += 1;
+                self.links.punched += 1;
                 let peer = event.remote_peer_id;
-                let after = self.nat.links.relayed_since.get(&peer).map(|t| t.elapsed());
-                if let Some(c) = self.nat.links.open.get_mut(&id) {
+                let after = self.links.relayed_since.get(&peer).map(|t| t.elapsed());
+                if let Some(c) = self.links.open.get_mut(&id) {
                     c.info.path = Path::HolePunched;
                     c.info.punched_after_ms =
                         after.map(|d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
                 }
                 tracing::info!(%peer, ?after, "hole punched: direct connection");
-                self.close_relayed(peer);
+                self.close_relayed(swarm, peer, busy);
             }
             Err(e) => {
-                self.nat.links.punch_failed += 1;
+                self.links.punch_failed += 1;
                 tracing::debug!(peer = %event.remote_peer_id, "hole punching failed: {e}");
             }
         }
@@ -423,12 +439,16 @@ impl EventLoop {
     /// circuit at its relay for as long as it lives (gossip keeps it from going idle), and a
     /// relay's circuits run out (nat-relay-200's four relays refused thousands at 512). Not
     /// while a call or request is in flight: it may be on the relayed connection.
-    fn close_relayed(&mut self, peer: PeerId) {
-        if self.activity.busy().contains(&peer) || self.mail.busy().any(|p| p == peer) {
+    fn close_relayed(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        peer: PeerId,
+        busy: impl Fn(&PeerId) -> bool,
+    ) {
+        if busy(&peer) {
             return;
         }
         let relayed: Vec<ConnectionId> = self
-            .nat
             .links
             .open
             .iter()
@@ -437,12 +457,18 @@ impl EventLoop {
             .collect();
         for id in relayed {
             tracing::debug!(%peer, "closing the relayed connection beside a direct one");
-            self.swarm.close_connection(id);
+            swarm.close_connection(id);
         }
     }
 
-    /// A listener came up; a circuit address means a reservation is in place.
-    pub(super) fn nat_new_listen_addr(&mut self, listener: ListenerId, addr: &Multiaddr) {
+    /// A listener came up; a circuit address means a reservation is in place. Whether the card
+    /// should go out again soon (others must learn the circuit address).
+    pub(super) fn new_listen_addr(
+        &mut self,
+        swarm: &mut Swarm<Behaviour>,
+        listener: ListenerId,
+        addr: &Multiaddr,
+    ) -> bool {
         if !is_relayed(addr) {
             // A relay operator, or a node configured as public, declares its listen addresses
             // reachable. libp2p's relay refuses reservations until it has a confirmed
@@ -452,54 +478,52 @@ impl EventLoop {
             // (netsim, 100 nodes: 13-22 % of lookups found one of a skill's two servers
             // although both records sat at the 20 closest peers).
             if self.config.relay.enabled || self.config.nat.reachability == Reachability::Public {
-                self.swarm.add_external_address(addr.clone());
+                swarm.add_external_address(addr.clone());
             }
-            return;
+            return false;
         }
         let relay = self
-            .nat
             .relays
             .pending
             .get(&listener)
             .copied()
             .or_else(|| relay_of(addr));
         if let Some(relay) = relay {
-            let addrs = self.nat.relays.reservations.entry(relay).or_default();
+            let addrs = self.relays.reservations.entry(relay).or_default();
             if !addrs.contains(addr) {
                 addrs.push(addr.clone());
             }
-            // Others must learn the circuit address: a new card soon.
-            self.discovery.publish_soon();
         }
+        relay.is_some()
     }
 
-    /// A listener ended: if it was a reservation, try again later (maybe elsewhere).
-    pub(super) fn nat_listener_closed(&mut self, listener: ListenerId) {
-        if let Some(relay) = self.nat.relays.pending.remove(&listener) {
-            tracing::debug!(%relay, "relay reservation ended");
-            self.nat.relays.reservations.remove(&relay);
-            self.listening.addrs.retain(|a| relay_of(a) != Some(relay));
-            self.nat.relays.candidates.retain(|c| *c != relay);
-        }
+    /// A listener ended: if it was a reservation, try again later (maybe elsewhere). The relay
+    /// whose circuit addresses this node no longer listens on, if it was one.
+    pub(super) fn listener_closed(&mut self, listener: ListenerId) -> Option<PeerId> {
+        let relay = self.relays.pending.remove(&listener)?;
+        tracing::debug!(%relay, "relay reservation ended");
+        self.relays.reservations.remove(&relay);
+        self.relays.candidates.retain(|c| *c != relay);
+        Some(relay)
     }
 
-    pub(super) fn nat_found_relays(&mut self, found: HashSet<PeerId>) {
-        self.nat.relays.searching = false;
-        let me = self.signing.peer_id();
+    pub(super) fn found_relays(&mut self, found: HashSet<PeerId>) {
+        self.relays.searching = false;
+        let me = self.me;
         for p in found {
             if p != me
-                && !self.nat.relays.candidates.contains(&p)
-                && self.nat.relays.candidates.len() < MAX_CANDIDATES
+                && !self.relays.candidates.contains(&p)
+                && self.relays.candidates.len() < MAX_CANDIDATES
             {
-                self.nat.relays.candidates.push(p);
+                self.relays.candidates.push(p);
             }
         }
     }
 
     /// A relay's listen addresses, from identify: a QUIC one, where it has one beside the
     /// address a reservation would use, is used instead.
-    pub(super) fn nat_identified(&mut self, peer: PeerId, listen: &[Multiaddr]) {
-        let is_relay = self.nat.relays.candidates.contains(&peer)
+    pub(super) fn identified(&mut self, peer: PeerId, listen: &[Multiaddr]) {
+        let is_relay = self.relays.candidates.contains(&peer)
             || self
                 .config
                 .nat
@@ -507,7 +531,7 @@ impl EventLoop {
                 .iter()
                 .any(|a| a.iter().last() == Some(Protocol::P2p(peer)));
         if is_relay {
-            self.nat.relays.listen.insert(peer, listen.to_vec());
+            self.relays.listen.insert(peer, listen.to_vec());
         }
     }
 
@@ -515,16 +539,14 @@ impl EventLoop {
     /// reservation's connection carries every relayed connection to this node, and QUIC is
     /// what hole punching through NATs works best with: one socket, no TCP simultaneous open,
     /// and a dial-back a NAT drops fails in the handshake's 5 s instead of a TCP timeout).
-    fn reservation_addr(&self, relay: PeerId, given: Multiaddr) -> Multiaddr {
-        let quic = |a: &Multiaddr| a.iter().any(|p| matches!(p, Protocol::QuicV1));
-        let we_quic = self.listening.addrs.iter().any(quic);
+    fn reservation_addr(&self, relay: PeerId, given: Multiaddr, we_quic: bool) -> Multiaddr {
         if !we_quic || quic(&given) {
             return given;
         }
         let ip = given
             .iter()
             .find(|p| matches!(p, Protocol::Ip4(_) | Protocol::Ip6(_)));
-        let found = self.nat.relays.listen.get(&relay).and_then(|addrs| {
+        let found = self.relays.listen.get(&relay).and_then(|addrs| {
             addrs
                 .iter()
                 .find(|a| quic(a) && ip.is_some() && a.iter().next() == ip)
@@ -540,21 +562,22 @@ impl EventLoop {
     }
 
     /// Called from housekeeping: keeps reservations while private, or while undecided past
-    /// [`UNDECIDED_LIMIT`]; gives them up once public.
-    pub(super) fn nat_check(&mut self) {
-        if self.nat.last_check.elapsed() < CHECK_INTERVAL {
-            return;
+    /// [`UNDECIDED_LIMIT`]; gives them up once public. `listen` is where this node listens.
+    /// Whether it wants relays searched for in the DHT ([`Self::found_relays`] answers).
+    pub(super) fn check(&mut self, swarm: &mut Swarm<Behaviour>, listen: &[Multiaddr]) -> bool {
+        if self.last_check.elapsed() < CHECK_INTERVAL {
+            return false;
         }
-        self.nat.last_check = Instant::now();
-        let undecided_for = self.nat.first_connected.map(|t| t.elapsed());
-        let relaying = match self.nat.reach {
+        self.last_check = Instant::now();
+        let undecided_for = self.first_connected.map(|t| t.elapsed());
+        let relaying = match self.reach {
             Reach::Private => Some(Relaying::Private),
             Reach::Unknown if undecided_for.is_some_and(|d| d >= UNDECIDED_LIMIT) => {
                 Some(Relaying::Undecided)
             }
             _ => None,
         };
-        if relaying != self.nat.relaying {
+        if relaying != self.relaying {
             match relaying {
                 Some(Relaying::Undecided) => tracing::info!(
                     "reachability still unknown after {}s: reserving on relays anyway",
@@ -563,23 +586,24 @@ impl EventLoop {
                 Some(Relaying::Private) => tracing::info!("private: reserving on relays"),
                 None => {}
             }
-            self.nat.relaying = relaying;
+            self.relaying = relaying;
         }
         if relaying.is_none() {
-            if self.nat.reach == Reach::Public && !self.nat.relays.pending.is_empty() {
+            if self.reach == Reach::Public && !self.relays.pending.is_empty() {
                 tracing::info!("public: giving up relay reservations");
-                for id in self.nat.relays.pending.keys() {
-                    self.swarm.remove_listener(*id);
+                for id in self.relays.pending.keys() {
+                    swarm.remove_listener(*id);
                 }
             }
-            return;
+            return false;
         }
         let want = self.config.nat.max_reservations as usize;
-        let mut held: HashSet<PeerId> = self.nat.relays.pending.values().copied().collect();
+        let mut held: HashSet<PeerId> = self.relays.pending.values().copied().collect();
         if held.len() >= want {
-            return;
+            return false;
         }
-        let me = self.signing.peer_id();
+        let we_quic = listen.iter().any(quic);
+        let me = self.me;
         // Configured relays first, with the addresses given; then those found in the DHT.
         let mut choices: Vec<(PeerId, Multiaddr)> = Vec::new();
         for a in &self.config.nat.relays {
@@ -589,9 +613,8 @@ impl EventLoop {
         }
         // A relay found in the DHT is reserved on through an address it was dialed at; until
         // there is one, dial it (kad knows where it is).
-        for p in self.nat.relays.candidates.clone() {
+        for p in self.relays.candidates.clone() {
             let dialed = self
-                .nat
                 .links
                 .open
                 .values()
@@ -607,7 +630,7 @@ impl EventLoop {
                 }
                 None if !held.contains(&p) => {
                     // Even when it dialed us: a reservation needs an address it listens on.
-                    let _ = self.swarm.dial(
+                    let _ = swarm.dial(
                         libp2p::swarm::dial_opts::DialOpts::peer_id(p)
                             .condition(libp2p::swarm::dial_opts::PeerCondition::NotDialing)
                             .build(),
@@ -626,46 +649,37 @@ impl EventLoop {
             // Where both could use QUIC, wait a moment for the relay's identify to say whether
             // it has it (a connected relay answers within milliseconds).
             let connected_for = self
-                .nat
                 .links
                 .open
                 .values()
                 .filter(|c| c.info.peer == relay)
                 .map(|c| c.since.elapsed())
                 .max();
-            if self
-                .listening
-                .addrs
-                .iter()
-                .any(|a| a.iter().any(|p| matches!(p, Protocol::QuicV1)))
-                && !self.nat.relays.listen.contains_key(&relay)
+            if we_quic
+                && !self.relays.listen.contains_key(&relay)
                 && connected_for.is_some_and(|d| d < IDENTIFY_WAIT)
             {
                 continue;
             }
-            let addr = self.reservation_addr(relay, addr);
-            match self
-                .swarm
-                .listen_on(addr.clone().with(Protocol::P2pCircuit))
-            {
+            let addr = self.reservation_addr(relay, addr, we_quic);
+            match swarm.listen_on(addr.clone().with(Protocol::P2pCircuit)) {
                 Ok(id) => {
                     tracing::debug!(%relay, %addr, "asking for a relay reservation");
-                    self.nat.relays.pending.insert(id, relay);
+                    self.relays.pending.insert(id, relay);
                     held.insert(relay);
                 }
                 Err(e) => tracing::debug!(%addr, "cannot reserve on relay: {e}"),
             }
         }
         let searched_lately = self
-            .nat
             .relays
             .last_search
             .is_some_and(|t| t.elapsed() < SEARCH_INTERVAL);
-        if held.len() < want && !self.nat.relays.searching && !searched_lately {
-            self.nat.relays.searching = true;
-            self.nat.relays.last_search = Some(Instant::now());
-            self.discovery
-                .search_relays(&mut self.swarm.behaviour_mut().kad);
+        if held.len() < want && !self.relays.searching && !searched_lately {
+            self.relays.searching = true;
+            self.relays.last_search = Some(Instant::now());
+            return true;
         }
+        false
     }
 }
