@@ -30,7 +30,7 @@
 //!     settle = "1s"
 //! "#)?;
 //! let report = skillmesh_netsim::run(&scenario).await?;
-//! assert_eq!(report.call_success, 1.0);
+//! assert_eq!(report.calling.call_success, 1.0);
 //! println!("{}", report.table());
 //! # Ok(())
 //! # }
@@ -43,7 +43,10 @@ mod run;
 mod scenario;
 
 pub use net::{DialStats, Model, NAT_WINDOW, Nat, Net, Placement};
-pub use report::{Connections, Latency, MailOutcome, PartitionOutcome, Report, Samples};
+pub use report::{
+    CallOutcome, Connections, Cost, EventOutcome, Latency, LookupOutcome, MailOutcome,
+    PartitionOutcome, Report, RunInfo, Samples,
+};
 pub use run::{Options, run, run_with};
 pub use scenario::{Churn, MAX_NODES, Mail, Network, Partition, Scenario};
 

@@ -120,9 +120,9 @@ pub struct Samples {
     pub mail_ms: Vec<f64>,
 }
 
-/// The outcome of one scenario run.
+/// The run: which scenario, how big, how long.
 #[derive(Clone, Debug, Default, PartialEq, Serialize)]
-pub struct Report {
+pub struct RunInfo {
     /// Scenario name.
     pub scenario: String,
     /// Its seed.
@@ -133,6 +133,13 @@ pub struct Report {
     pub behind_nat: usize,
     /// Seconds to start every node.
     pub startup_secs: f64,
+    /// Seconds from start to report.
+    pub wall_secs: f64,
+}
+
+/// Lookups, and the announcements they find.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct LookupOutcome {
     /// Lookups that found every node serving the skill.
     pub discovery_success: f64,
     /// Lookup time.
@@ -142,20 +149,28 @@ pub struct Report {
     pub lookup_requests: f64,
     /// Of those, requests that failed or timed out.
     pub lookup_failures: f64,
-    /// Calls answered successfully.
-    pub call_success: f64,
-    /// Call latency.
-    pub calls: Latency,
-    /// The most common reasons calls failed, with counts.
-    pub call_errors: Vec<(String, usize)>,
     /// The most common reasons lookups failed, with counts.
     pub lookup_errors: Vec<(String, usize)>,
     /// Servers whose first announcements did not all reach another node (the node retries).
     pub publish_incomplete: usize,
     /// Of those, servers whose announcements were still incomplete after every attempt.
     pub publish_failed: usize,
-    /// Direct and relayed connections after the calls.
-    pub connections: Connections,
+}
+
+/// Skill calls.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct CallOutcome {
+    /// Calls answered successfully.
+    pub call_success: f64,
+    /// Call latency.
+    pub calls: Latency,
+    /// The most common reasons calls failed, with counts.
+    pub call_errors: Vec<(String, usize)>,
+}
+
+/// Gossip events, with and without churn.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct EventOutcome {
     /// Deliveries received / deliveries expected (every event at every other node).
     pub gossip_delivery: f64,
     /// Publication to delivery.
@@ -166,12 +181,11 @@ pub struct Report {
     pub churn_delivery: Option<f64>,
     /// Gossip latency under churn.
     pub churn_gossip: Option<Latency>,
-    /// The partition phase.
-    pub partition: Option<PartitionOutcome>,
-    /// The mail phase.
-    pub mail: Option<MailOutcome>,
-    /// How dials went, network-wide.
-    pub dials: DialStats,
+}
+
+/// What the run cost: bytes sent and memory.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Cost {
     /// Bytes all nodes sent, MiB.
     pub bytes_sent_mib: f64,
     /// Per node, KiB.
@@ -180,8 +194,34 @@ pub struct Report {
     pub rss_mib: f64,
     /// Per node.
     pub rss_per_node_mib: f64,
-    /// Seconds from start to report.
-    pub wall_secs: f64,
+}
+
+/// The outcome of one scenario run. Its parts are flattened in JSON: one object, as before.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct Report {
+    /// The run.
+    #[serde(flatten)]
+    pub run: RunInfo,
+    /// Lookups.
+    #[serde(flatten)]
+    pub lookups: LookupOutcome,
+    /// Calls.
+    #[serde(flatten)]
+    pub calling: CallOutcome,
+    /// Gossip events.
+    #[serde(flatten)]
+    pub events: EventOutcome,
+    /// Direct and relayed connections after the calls.
+    pub connections: Connections,
+    /// The partition phase.
+    pub partition: Option<PartitionOutcome>,
+    /// The mail phase.
+    pub mail: Option<MailOutcome>,
+    /// How dials went, network-wide.
+    pub dials: DialStats,
+    /// Bytes sent and memory.
+    #[serde(flatten)]
+    pub cost: Cost,
     /// The latencies behind the percentiles.
     pub samples: Samples,
 }
@@ -201,25 +241,25 @@ impl Report {
         let mut rows = vec![
             (
                 "scenario",
-                format!("{} (seed {})", self.scenario, self.seed),
+                format!("{} (seed {})", self.run.scenario, self.run.seed),
             ),
             (
                 "nodes",
-                format!("{} ({} behind NAT)", self.nodes, self.behind_nat),
+                format!("{} ({} behind NAT)", self.run.nodes, self.run.behind_nat),
             ),
-            ("start-up", format!("{:.1} s", self.startup_secs)),
-            ("discovery success", pct(self.discovery_success)),
-            ("discovery time", lat(&self.discovery)),
+            ("start-up", format!("{:.1} s", self.run.startup_secs)),
+            ("discovery success", pct(self.lookups.discovery_success)),
+            ("discovery time", lat(&self.lookups.discovery)),
         ];
-        for (e, n) in &self.lookup_errors {
+        for (e, n) in &self.lookups.lookup_errors {
             rows.push(("  lookup failure", format!("{n} x {e}")));
         }
-        if self.publish_incomplete > 0 {
+        if self.lookups.publish_incomplete > 0 {
             rows.push((
                 "  announcements",
                 format!(
                     "{} servers' first announcements timed out somewhere, {} still after retries",
-                    self.publish_incomplete, self.publish_failed
+                    self.lookups.publish_incomplete, self.lookups.publish_failed
                 ),
             ));
         }
@@ -228,13 +268,13 @@ impl Report {
                 "lookup cost",
                 format!(
                     "{:.1} DHT requests per lookup, {:.1} of them failed",
-                    self.lookup_requests, self.lookup_failures
+                    self.lookups.lookup_requests, self.lookups.lookup_failures
                 ),
             ),
-            ("call success", pct(self.call_success)),
-            ("call latency", lat(&self.calls)),
+            ("call success", pct(self.calling.call_success)),
+            ("call latency", lat(&self.calling.calls)),
         ]);
-        for (e, n) in &self.call_errors {
+        for (e, n) in &self.calling.call_errors {
             rows.push(("  call failure", format!("{n} x {e}")));
         }
         rows.extend([(
@@ -262,14 +302,17 @@ impl Report {
             ));
         }
         rows.extend([
-            ("gossip delivery", pct(self.gossip_delivery)),
-            ("gossip latency", lat(&self.gossip)),
-            ("gossip duplicates", self.gossip_duplicates.to_string()),
+            ("gossip delivery", pct(self.events.gossip_delivery)),
+            ("gossip latency", lat(&self.events.gossip)),
+            (
+                "gossip duplicates",
+                self.events.gossip_duplicates.to_string(),
+            ),
         ]);
-        if let Some(x) = self.churn_delivery {
+        if let Some(x) = self.events.churn_delivery {
             rows.push(("churn delivery", pct(x)));
         }
-        if let Some(l) = &self.churn_gossip {
+        if let Some(l) = &self.events.churn_gossip {
             rows.push(("churn gossip latency", lat(l)));
         }
         if let Some(p) = &self.partition {
@@ -312,17 +355,17 @@ impl Report {
                 "bytes sent",
                 format!(
                     "{:.1} MiB, {:.0} KiB per node",
-                    self.bytes_sent_mib, self.bytes_sent_per_node_kib
+                    self.cost.bytes_sent_mib, self.cost.bytes_sent_per_node_kib
                 ),
             ),
             (
                 "memory",
                 format!(
                     "{:.0} MiB RSS, {:.1} MiB per node",
-                    self.rss_mib, self.rss_per_node_mib
+                    self.cost.rss_mib, self.cost.rss_per_node_mib
                 ),
             ),
-            ("wall time", format!("{:.1} s", self.wall_secs)),
+            ("wall time", format!("{:.1} s", self.run.wall_secs)),
         ]);
         rows.iter().map(|(k, v)| format!("{k:<21} {v}\n")).collect()
     }
@@ -357,9 +400,9 @@ impl Report {
 <rect width="100%" height="100%" fill="white"/>
 <text x="{L}" y="22" font-size="14">{} ({} nodes, seed {}): latency CDFs</text>
 "##,
-            escape(&self.scenario),
-            self.nodes,
-            self.seed
+            escape(&self.run.scenario),
+            self.run.nodes,
+            self.run.seed
         );
         for d in (lo as i32)..=(hi as i32) {
             let ms = 10f64.powi(d);
@@ -461,7 +504,10 @@ mod tests {
         let l = Latency::of(&ms);
         assert_eq!((l.n, l.p50_ms.round(), l.p99_ms.round()), (100, 51.0, 99.0));
         let r = Report {
-            scenario: "a<b".into(),
+            run: RunInfo {
+                scenario: "a<b".into(),
+                ..RunInfo::default()
+            },
             samples: Samples {
                 calls_ms: vec![1.0, 2.0, 40.0],
                 ..Samples::default()
@@ -472,5 +518,10 @@ mod tests {
         assert!(svg.starts_with("<svg") && svg.ends_with("</svg>\n"));
         assert!(svg.contains("a&lt;b") && svg.contains("calls (n = 3)"));
         assert_eq!(svg.matches("<polyline").count(), 1);
+        // One flat JSON object, the parts' fields side by side.
+        let json = serde_json::to_value(&r).expect("json");
+        for key in ["scenario", "discovery_success", "calls", "gossip", "rss_mib", "dials"] {
+            assert!(json.get(key).is_some(), "{key} missing from {json}");
+        }
     }
 }

@@ -21,20 +21,20 @@ async fn run(name: &str) -> skillmesh_netsim::Report {
 #[tokio::test(flavor = "multi_thread")]
 async fn smoke_20_finds_calls_and_delivers_everything() {
     let report = run("smoke-20.toml").await;
-    assert_eq!(report.discovery_success, 1.0, "{report:?}");
-    assert_eq!(report.call_success, 1.0, "{report:?}");
-    assert!(report.gossip_delivery >= 0.99, "{report:?}");
-    assert_eq!(report.gossip_duplicates, 0);
+    assert_eq!(report.lookups.discovery_success, 1.0, "{report:?}");
+    assert_eq!(report.calling.call_success, 1.0, "{report:?}");
+    assert!(report.events.gossip_delivery >= 0.99, "{report:?}");
+    assert_eq!(report.events.gossip_duplicates, 0);
 }
 
 #[tokio::test(flavor = "multi_thread")]
 async fn faults_30_nat_partition_and_mail() {
     let report = run("faults-30.toml").await;
-    assert!(report.behind_nat > 0);
-    assert_eq!(report.call_success, 1.0, "{report:?}");
+    assert!(report.run.behind_nat > 0);
+    assert_eq!(report.calling.call_success, 1.0, "{report:?}");
     // 10 ms one-way: a call is at least a round trip, however fast the machine.
-    assert!(report.calls.p50_ms >= 20.0, "{report:?}");
-    assert!(report.gossip_delivery >= 0.99, "{report:?}");
+    assert!(report.calling.calls.p50_ms >= 20.0, "{report:?}");
+    assert!(report.events.gossip_delivery >= 0.99, "{report:?}");
     // Nodes behind NAT hold reservations; some calls to them went through relay circuits or
     // were hole-punched, and the model blocked direct dials into NATs.
     assert!(report.connections.reservations > 0, "{report:?}");
@@ -63,10 +63,10 @@ async fn faults_30_nat_partition_and_mail() {
 #[tokio::test(flavor = "multi_thread")]
 async fn partition_heal_200_finds_calls_and_keeps_the_cut() {
     let report = run("partition-heal-200.toml").await;
-    assert_eq!(report.nodes, 200);
-    assert_eq!(report.discovery_success, 1.0, "{report:?}");
-    assert_eq!(report.call_success, 1.0, "{report:?}");
-    assert!(report.gossip_delivery >= 0.99, "{report:?}");
+    assert_eq!(report.run.nodes, 200);
+    assert_eq!(report.lookups.discovery_success, 1.0, "{report:?}");
+    assert_eq!(report.calling.call_success, 1.0, "{report:?}");
+    assert!(report.events.gossip_delivery >= 0.99, "{report:?}");
     let p = report.partition.as_ref().expect("partition phase");
     assert_eq!(p.cross_deliveries, 0, "{report:?}");
     assert!(p.cross_calls > 0, "{report:?}");

@@ -21,7 +21,9 @@ use tokio::task::JoinHandle;
 use crate::SimError;
 use crate::net::{Model, Nat, Net, Placement};
 use crate::progress::Progress;
-use crate::report::{Latency, Report, Samples, rss_mib};
+use crate::report::{
+    CallOutcome, EventOutcome, Latency, LookupOutcome, Report, RunInfo, Samples, rss_mib,
+};
 use crate::scenario::Scenario;
 
 mod phases;
@@ -604,32 +606,43 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
     let (gossip_delivery, gossip_duplicates, gossip_samples) = sim.tally(&expected);
 
     let mut report = Report {
-        scenario: s.name.clone(),
-        seed: s.seed,
-        nodes: s.nodes,
-        behind_nat: sim.placements.iter().filter(|p| p.nat.behind()).count(),
-        startup_secs,
-        discovery_success,
-        discovery: Latency::of(&discovery_samples),
-        lookup_requests,
-        lookup_failures,
-        call_success,
-        calls: Latency::of(&call_samples),
-        gossip_delivery,
-        gossip: Latency::of(&gossip_samples),
-        gossip_duplicates,
+        run: RunInfo {
+            scenario: s.name.clone(),
+            seed: s.seed,
+            nodes: s.nodes,
+            behind_nat: sim.placements.iter().filter(|p| p.nat.behind()).count(),
+            startup_secs,
+            wall_secs: 0.0,
+        },
+        lookups: LookupOutcome {
+            discovery_success,
+            discovery: Latency::of(&discovery_samples),
+            lookup_requests,
+            lookup_failures,
+            lookup_errors,
+            publish_incomplete,
+            publish_failed,
+        },
+        calling: CallOutcome {
+            call_success,
+            calls: Latency::of(&call_samples),
+            call_errors,
+        },
+        events: EventOutcome {
+            gossip_delivery,
+            gossip: Latency::of(&gossip_samples),
+            gossip_duplicates,
+            churn_delivery: None,
+            churn_gossip: None,
+        },
         connections,
-        call_errors,
-        lookup_errors,
-        publish_incomplete,
-        publish_failed,
         ..Report::default()
     };
 
     if let Some(c) = &s.churn {
         let (delivery, lat) = churn(&mut sim, &mut rng, c).await?;
-        report.churn_delivery = Some(delivery);
-        report.churn_gossip = Some(Latency::of(&lat));
+        report.events.churn_delivery = Some(delivery);
+        report.events.churn_gossip = Some(Latency::of(&lat));
     }
     if let Some(p) = &s.partition {
         let outcome = partition(&mut sim, &mut rng, p).await?;
@@ -644,10 +657,10 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
 
     report.dials = net.dial_stats();
     let sent: Vec<u64> = (0..s.nodes).map(|i| net.bytes_sent(i)).collect();
-    report.bytes_sent_mib = sent.iter().sum::<u64>() as f64 / (1024.0 * 1024.0);
-    report.bytes_sent_per_node_kib = sent.iter().sum::<u64>() as f64 / 1024.0 / s.nodes as f64;
-    report.rss_mib = rss_mib();
-    report.rss_per_node_mib = report.rss_mib / s.nodes as f64;
+    report.cost.bytes_sent_mib = sent.iter().sum::<u64>() as f64 / (1024.0 * 1024.0);
+    report.cost.bytes_sent_per_node_kib = sent.iter().sum::<u64>() as f64 / 1024.0 / s.nodes as f64;
+    report.cost.rss_mib = rss_mib();
+    report.cost.rss_per_node_mib = report.cost.rss_mib / s.nodes as f64;
     report.samples = Samples {
         discovery_ms: to_ms(&discovery_samples),
         calls_ms: to_ms(&call_samples),
@@ -665,7 +678,7 @@ pub async fn run_with(s: &Scenario, options: Options) -> Result<Report, SimError
             let _ = n.shutdown().await;
         })
         .await;
-    report.wall_secs = started.elapsed().as_secs_f64();
+    report.run.wall_secs = started.elapsed().as_secs_f64();
     sim.progress.finish();
     Ok(report)
 }
