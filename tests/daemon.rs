@@ -113,16 +113,30 @@ fn two_daemons_find_and_call_through_the_cli() {
 fn events_flow_between_daemons() {
     let a = Daemon::start(BASE, &[]);
     let b = Daemon::start(BASE, &["--bootstrap", &a.addr()]);
-    let sub = Command::new(BIN)
+    let mut sub = Command::new(BIN)
         .arg("--data-dir")
         .arg(a.dir.path())
         .args(["--json", "events", "sub", "news", "--count", "1"])
         .stdout(Stdio::piped())
         .spawn()
         .expect("sub");
-    std::thread::sleep(Duration::from_millis(500));
-    let o = retry(|| b.cli(&["events", "pub", "news", r#"{"headline":"p2p"}"#]));
-    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    // B publishes until A's subscriber has its event: the subscription takes a moment to
+    // reach B, and an event published before it may go to nobody.
+    let start = Instant::now();
+    loop {
+        let o = b.cli(&["events", "pub", "news", r#"{"headline":"p2p"}"#]);
+        if sub.try_wait().expect("sub").is_some() {
+            break;
+        }
+        if start.elapsed() > Duration::from_secs(20) {
+            let _ = sub.kill();
+            panic!(
+                "no event within 20 s; last publish: {}",
+                String::from_utf8_lossy(&o.stderr)
+            );
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
     let out = sub.wait_with_output().expect("sub output");
     let line: Value = serde_json::from_slice(&out.stdout).expect("one event as JSON");
     assert_eq!(line["data"]["headline"], "p2p");

@@ -520,7 +520,14 @@ mod tests {
         assert_eq!(svg.matches("<polyline").count(), 1);
         // One flat JSON object, the parts' fields side by side.
         let json = serde_json::to_value(&r).expect("json");
-        for key in ["scenario", "discovery_success", "calls", "gossip", "rss_mib", "dials"] {
+        for key in [
+            "scenario",
+            "discovery_success",
+            "calls",
+            "gossip",
+            "rss_mib",
+            "dials",
+        ] {
             assert!(json.get(key).is_some(), "{key} missing from {json}");
         }
     }

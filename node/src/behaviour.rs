@@ -84,7 +84,7 @@ const SETTLE: Duration = Duration::from_millis(10);
 /// How outbound streams negotiate their protocol. Lazily: a stream's first bytes go out with
 /// the proposal instead of a round trip after it (go-libp2p does the same for every stream). A
 /// peer that does not speak the protocol says so on the first read, not at the open; call pipes
-/// turn that into "does not serve skill calls" (`pipe.rs`), and every other protocol here fails
+/// turn that into "does not serve skill calls" (`pipe/caller.rs`), and every other protocol here fails
 /// the request as it did. Streams are not nested, so V1Lazy's caveat (a listener missing an
 /// intermediate protocol) does not arise. Measured on loopback TCP (`cargo bench --bench calls
 /// -- --only cold`): a cold call took 10-12 % less.
