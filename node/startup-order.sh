@@ -19,8 +19,9 @@ out=node/startup.order
 # the daemon links (their versions are in the names' hashes). Dev-dependencies do not count.
 made_with() {
     echo "# rustc: $(rustc -V)"
+    # Names and versions only: a path dependency's line also carries where the clone is.
     echo "# dependencies: $(cargo tree -p skillmesh -e normal,build --prefix none --locked 2>/dev/null |
-        sort -u | sha256sum | cut -c1-16)"
+        sed 's/ (.*//' | sort -u | sha256sum | cut -c1-16)"
 }
 
 if [ "${1:-}" = "--check" ]; then
