@@ -220,9 +220,13 @@ impl Discovery {
                 } => self.lookups.card_answered(kad, request_id, Some(response)),
             },
             request_response::Event::OutboundFailure {
-                request_id, error, ..
+                peer,
+                request_id,
+                error,
+                ..
             } => {
-                tracing::debug!("card request failed ({error}); asking the DHT");
+                // `card_answered` says that the DHT is asked.
+                tracing::debug!(%peer, "card request failed: {error}");
                 self.lookups.card_answered(kad, request_id, None);
             }
             _ => {}
