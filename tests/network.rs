@@ -115,7 +115,7 @@ async fn skills_are_found_by_name_and_tag_and_called() {
     };
     let served = eventually(Duration::from_secs(5), || expect_log(c, Direction::Inbound)).await;
     assert_eq!(served[0].state, CallState::Completed, "newest first");
-    assert_eq!(served[1].state, CallState::Failed);
+    assert_eq!(served[1].state, CallState::Rejected);
     assert_eq!(served[1].error, Some(ErrorCode::UnknownSkill));
     assert_eq!(served[1].peer, b.peer_id());
     let made = eventually(Duration::from_secs(5), || {

@@ -303,6 +303,8 @@ fn call_entry(peer: PeerId, i: u8, direction: Direction, state: CallState) -> Ca
         error: None,
         started_at: Timestamp(T0.0 + u64::from(i)),
         updated_at: Timestamp(T0.0 + u64::from(i)),
+        mode: Default::default(),
+        history: Vec::new(),
     }
 }
 
@@ -317,7 +319,7 @@ async fn call_log_updates_in_place_and_drops_the_oldest() {
     let peer = PeerId::random();
     let entry = |i: u8, state| call_entry(peer, i, Direction::Inbound, state);
     store
-        .log_calls(vec![entry(1, CallState::Running)], true)
+        .log_calls(vec![entry(1, CallState::Working)], true)
         .await
         .expect("log");
     let mut done = entry(1, CallState::Failed);
@@ -361,9 +363,9 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
         store
             .log_calls(
                 vec![
-                    entry(1, Direction::Outbound, CallState::Running),
-                    entry(1, Direction::Inbound, CallState::Running),
-                    entry(2, Direction::Outbound, CallState::Running),
+                    entry(1, Direction::Outbound, CallState::Working),
+                    entry(1, Direction::Inbound, CallState::Working),
+                    entry(2, Direction::Outbound, CallState::Working),
                     entry(1, Direction::Outbound, CallState::Completed),
                 ],
                 true,
@@ -397,7 +399,7 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
         vec![
             (3, Direction::Inbound, CallState::Completed),
             (2, Direction::Outbound, CallState::Completed),
-            (1, Direction::Inbound, CallState::Running),
+            (1, Direction::Inbound, CallState::Working),
             (1, Direction::Outbound, CallState::Completed),
         ]
     );

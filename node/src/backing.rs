@@ -287,6 +287,7 @@ mod tests {
             call_id: CallId([0; 16]),
             skill: SkillName::new("t").expect("name"),
             deadline: std::time::Instant::now() + Duration::from_secs(5),
+            cancel: Default::default(),
         }
     }
 

@@ -88,6 +88,7 @@ mod punch;
 mod reach;
 mod skills;
 pub mod store;
+mod streaming;
 #[cfg(test)]
 mod test_swarm;
 mod wire;
@@ -102,4 +103,8 @@ pub use mail::{Delivery, Inbox, MAX_MESSAGE_BYTES, Message, SendReport};
 pub use node::{CallOptions, LookupStats, Node, NodeBuilder, short_id};
 pub use reach::{AddrReach, Probes, ReachStatus};
 pub use skillmesh_protocol as protocol;
-pub use skills::{CallContext, HandlerError, HandlerFuture, SkillHandler};
+pub use skills::{
+    CallContext, CancellationToken, Chunk, ChunkStream, Handler, HandlerError, HandlerFuture,
+    SkillHandler, StreamHandler,
+};
+pub use streaming::{CallStream, Receipt, StreamOptions};

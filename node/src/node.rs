@@ -1,6 +1,6 @@
 //! The [`Node`] handle: what an agent process holds to use the network.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -32,8 +32,8 @@ use crate::mail::service::MailService;
 use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::pipe::{self, Activity, Pipes, Request, ServeLimits};
-use crate::skills::{Registered, Registry, SkillHandler};
-use crate::store::{CallLogEntry, Direction, STORE_FILE, Store};
+use crate::skills::{Handler, Registered, Registry, SkillHandler, StreamHandler};
+use crate::store::{CallLogEntry, CallState, Direction, STORE_FILE, Store};
 
 /// How long `build` waits for a first connection when bootstrap peers are configured.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
@@ -205,6 +205,7 @@ impl NodeBuilder {
                 messenger,
                 fetcher: Mutex::new(Some(fetcher)),
                 task: Mutex::new(Some(task)),
+                outbound: Mutex::default(),
             }),
         };
         let listening = node.request(|reply| Command::ListenAddrs { reply });
@@ -293,6 +294,9 @@ struct Inner {
     messenger: Arc<Messenger>,
     fetcher: Mutex<Option<JoinHandle<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
+    /// Our calls under way that take longer than one answer (streams), by id: what
+    /// [`Node::cancel_call`] finds before the call log has them.
+    outbound: Mutex<HashMap<CallId, PeerId>>,
 }
 
 impl Drop for Inner {
@@ -349,6 +353,47 @@ impl Node {
         &self.inner.store
     }
 
+    pub(crate) fn signing(&self) -> &SigningKey {
+        &self.inner.signing
+    }
+
+    pub(crate) fn inbound(&self) -> &Arc<Inbound> {
+        &self.inner.inbound
+    }
+
+    pub(crate) fn pipes(&self) -> &Arc<Pipes> {
+        &self.inner.pipes
+    }
+
+    pub(crate) fn log(&self) -> &CallLog {
+        &self.inner.log
+    }
+
+    /// The callee of our call `id`, while it is under way.
+    pub(crate) fn outbound_peer(&self, id: CallId) -> Option<PeerId> {
+        let map = self
+            .inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.get(&id).copied()
+    }
+
+    /// Lists our call `id` as under way until the guard drops.
+    pub(crate) fn track_outbound(&self, id: CallId, peer: PeerId) -> OutboundGuard {
+        let mut map = self
+            .inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        // Bounded by the calls a node can have under way: each holds a pipe tag or a task.
+        map.insert(id, peer);
+        OutboundGuard {
+            node: self.clone(),
+            id,
+        }
+    }
+
     async fn request<T>(&self, make: impl FnOnce(oneshot::Sender<T>) -> Command) -> Result<T> {
         let (tx, rx) = oneshot::channel();
         self.inner
@@ -391,6 +436,25 @@ impl Node {
         &self,
         spec: SkillSpec,
         handler: Arc<dyn SkillHandler>,
+    ) -> Result<PublishReport> {
+        self.register_handler(spec, Handler::Unary(handler)).await
+    }
+
+    /// Serves a stream-mode skill: the handler returns a stream of chunks per call.
+    pub async fn register_stream(
+        &self,
+        spec: SkillSpec,
+        handler: impl StreamHandler,
+    ) -> Result<PublishReport> {
+        self.register_handler(spec, Handler::Stream(Arc::new(handler)))
+            .await
+    }
+
+    /// Serves a skill with a handler of its mode (see [`Handler`]).
+    pub async fn register_handler(
+        &self,
+        spec: SkillSpec,
+        handler: Handler,
     ) -> Result<PublishReport> {
         let registered = Registered::new(spec.clone(), handler)?;
         self.inner.store.put_skill(spec.clone()).await?;
@@ -555,7 +619,14 @@ impl Node {
         // Signed by the pipe's writer, with the calls that queue beside it.
         let request = Request::Unsigned(envelope::prepare(&self.inner.signing, &call)?);
         let started = std::time::Instant::now();
+        // Dropped before the answer (the application gave up on it): the callee stops too.
+        let mut on_drop = CancelOnDrop {
+            node: Some(self.clone()),
+            peer,
+            id: call.call_id,
+        };
         let result = self.send_call(peer, request, call.call_id, timeout).await;
+        on_drop.node = None;
         let error = match &result {
             Ok(r) => r.error.clone(),
             Err(Error::Timeout(_)) => Some(skillmesh_protocol::CallError::new(
@@ -572,16 +643,19 @@ impl Node {
             error.as_ref().map_or("ok", |e| e.code.name()),
             started.elapsed(),
         );
-        self.inner.log.record(CallLogEntry {
-            call_id: call.call_id,
-            direction: Direction::Outbound,
+        let mut entry = CallLogEntry::new(
+            call.call_id,
+            Direction::Outbound,
             peer,
-            skill: call.skill.clone(),
-            state: final_state(error.as_ref()),
-            error: error.map(|e| e.code),
-            started_at: now,
-            updated_at: now,
-        });
+            call.skill.clone(),
+            Mode::Sync,
+            CallState::Submitted,
+        );
+        entry.started_at = now;
+        entry.history[0].at = now;
+        entry.error = error.as_ref().map(|e| e.code);
+        entry.enter(final_state(error.as_ref()), Timestamp::now());
+        self.inner.log.record(entry);
         let result = result?;
         match result.status {
             CallStatus::Completed => {
@@ -769,6 +843,46 @@ impl Node {
         // nothing but this handle holds the store once shutdown returns.
         self.inner.log.close().await;
         Ok(())
+    }
+}
+
+/// Cancels a sync call on its callee if the future waiting for it is dropped.
+struct CancelOnDrop {
+    node: Option<Node>,
+    peer: PeerId,
+    id: CallId,
+}
+
+impl Drop for CancelOnDrop {
+    fn drop(&mut self) {
+        if let Some(node) = self.node.take()
+            && let Ok(rt) = tokio::runtime::Handle::try_current()
+        {
+            let (peer, id) = (self.peer, self.id);
+            rt.spawn(async move {
+                if let Err(e) = node.send_cancel(peer, id).await {
+                    tracing::debug!(%peer, call = %id, "cancel not delivered: {e}");
+                }
+            });
+        }
+    }
+}
+
+/// Keeps a call listed as under way (see [`Node::track_outbound`]).
+pub(crate) struct OutboundGuard {
+    node: Node,
+    id: CallId,
+}
+
+impl Drop for OutboundGuard {
+    fn drop(&mut self) {
+        let mut map = self
+            .node
+            .inner
+            .outbound
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        map.remove(&self.id);
     }
 }
 

@@ -7,10 +7,12 @@ use std::pin::Pin;
 use std::sync::{Arc, RwLock};
 use std::time::Instant;
 
+use futures::Stream;
 use libp2p::PeerId;
 use serde_json::Value;
 use skillmesh_protocol::{CallId, Mode, Schema, SkillName, SkillSpec, ValidationError};
 use tokio::sync::Semaphore;
+pub use tokio_util::sync::CancellationToken;
 
 /// What a handler learns about the call it serves.
 #[derive(Clone, Debug)]
@@ -23,6 +25,9 @@ pub struct CallContext {
     pub skill: SkillName,
     /// When the handler is cut off.
     pub deadline: Instant,
+    /// Cancelled when the caller cancels the call (or it runs out of time): work the handler
+    /// spawned should stop then. The handler's own future is dropped at that moment.
+    pub cancel: CancellationToken,
 }
 
 /// A handler's failure, passed to the caller as `handler_failed` with this message.
@@ -74,26 +79,81 @@ where
     }
 }
 
+/// One piece of a streamed result.
+#[derive(Clone, Debug, PartialEq)]
+pub enum Chunk {
+    /// A JSON value (sent as CBOR).
+    Json(Value),
+    /// Raw bytes, for binary output (sent as a CBOR byte string; long ones are split).
+    Bytes(Vec<u8>),
+}
+
+/// The chunks a stream handler produces, in order; an error ends the stream with it.
+pub type ChunkStream = Pin<Box<dyn Stream<Item = Result<Chunk, HandlerError>> + Send>>;
+
+/// Serves calls of one stream-mode skill: JSON arguments in, chunks out as they are produced.
+/// The stream is polled only as fast as the caller reads (the window in protocol/README.md
+/// §1), and dropped when the caller cancels. Any
+/// `Fn(CallContext, Value) -> impl Stream<Item = Result<Chunk, HandlerError>>` is one.
+pub trait StreamHandler: Send + Sync + 'static {
+    /// Starts one call.
+    fn call(&self, ctx: CallContext, args: Value) -> ChunkStream;
+}
+
+impl<F, S> StreamHandler for F
+where
+    F: Fn(CallContext, Value) -> S + Send + Sync + 'static,
+    S: Stream<Item = Result<Chunk, HandlerError>> + Send + 'static,
+{
+    fn call(&self, ctx: CallContext, args: Value) -> ChunkStream {
+        Box::pin(self(ctx, args))
+    }
+}
+
+/// What runs a served skill's calls.
+#[derive(Clone)]
+pub enum Handler {
+    /// One result per call: sync and async skills.
+    Unary(Arc<dyn SkillHandler>),
+    /// Chunks: stream skills.
+    Stream(Arc<dyn StreamHandler>),
+}
+
+impl std::fmt::Debug for Handler {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Handler::Unary(_) => "Handler::Unary",
+            Handler::Stream(_) => "Handler::Stream",
+        })
+    }
+}
+
 /// A served skill, ready to check and run calls.
 pub(crate) struct Registered {
     pub(crate) spec: SkillSpec,
-    pub(crate) handler: Arc<dyn SkillHandler>,
+    pub(crate) handler: Handler,
     pub(crate) input: Option<jsonschema::Validator>,
     pub(crate) output: Option<jsonschema::Validator>,
     pub(crate) slots: Arc<Semaphore>,
 }
 
 impl Registered {
-    pub(crate) fn new(
-        spec: SkillSpec,
-        handler: Arc<dyn SkillHandler>,
-    ) -> Result<Self, ValidationError> {
+    pub(crate) fn new(spec: SkillSpec, handler: Handler) -> Result<Self, ValidationError> {
         spec.validate()?;
-        if spec.mode != Mode::Sync {
-            return Err(ValidationError::new(
-                "mode",
-                format!("{} skills cannot be served yet; only sync", spec.mode),
-            ));
+        match (&handler, spec.mode) {
+            (Handler::Unary(_), Mode::Sync | Mode::Async) | (Handler::Stream(_), Mode::Stream) => {}
+            (Handler::Unary(_), Mode::Stream) => {
+                return Err(ValidationError::new(
+                    "mode",
+                    "a stream skill needs a stream handler (Node::register_stream)",
+                ));
+            }
+            (Handler::Stream(_), mode) => {
+                return Err(ValidationError::new(
+                    "mode",
+                    format!("a stream handler serves stream skills, not {mode}"),
+                ));
+            }
         }
         let input = compile(spec.input.as_ref(), "input")?;
         let output = compile(spec.output.as_ref(), "output")?;

@@ -274,6 +274,12 @@ error_codes! {
     OutputTooLarge = 20, "output_too_large";
     /// The node is shutting down.
     ShuttingDown = 21, "shutting_down";
+    /// The callee has no call of that id from this caller (cancel, query).
+    UnknownCall = 22, "unknown_call";
+    /// The callee restarted while the call ran; it did not finish.
+    Interrupted = 23, "interrupted";
+    /// The stream broke its transcript or window (caller's side).
+    BrokenStream = 24, "broken_stream";
 }
 
 impl From<ErrorCode> for u16 {

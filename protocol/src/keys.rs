@@ -10,7 +10,7 @@ use crate::skill::{SkillName, Tag};
 /// Kademlia protocol of skillmesh meshes; never the public IPFS DHT.
 pub const KAD_PROTOCOL: &str = "/skillmesh/kad/1.0.0";
 /// Skill calls: long-lived streams of tagged frames (call pipes).
-pub const CALL_PROTOCOL: &str = "/skillmesh/call/3";
+pub const CALL_PROTOCOL: &str = "/skillmesh/call/4";
 /// Store-and-forward mail (request-response).
 pub const MAILBOX_PROTOCOL: &str = "/skillmesh/mailbox/1";
 /// An agent's own signed card, asked of the agent itself (request-response).

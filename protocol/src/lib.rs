@@ -55,6 +55,7 @@ pub mod keys;
 pub mod limits;
 pub mod mailbox;
 pub mod skill;
+pub mod stream;
 mod time;
 
 pub use call::{
@@ -77,6 +78,7 @@ pub use mailbox::{
 pub use skill::{
     Mode, Schema, ShareMode, SkillLimits, SkillName, SkillSpec, SkillSpecBuilder, Tag,
 };
+pub use stream::{ChainError, ChainReader, ChainWriter, verify_transcript};
 pub use time::Timestamp;
 
 /// The libp2p identity types used in this crate's API.

@@ -13,8 +13,8 @@ use skillmesh_protocol::{CallResult, Kind, SigningKey};
 use tokio::sync::{mpsc, oneshot};
 
 use super::{
-    ACCEPTED, Activity, Answer, Guarded, Out, READ_BUFFER, Request, WRITE_QUEUE, frame,
-    read_frames, split_guarded, write_frames,
+    ACCEPTED, Activity, Answer, ENVELOPE, Frame, Guarded, Out, READ_BUFFER, Request, WRITE_QUEUE,
+    credit, frame, read_frames, split_guarded, write_frames,
 };
 use crate::error::{Error, Result};
 use crate::event_loop::Command;
@@ -56,17 +56,74 @@ impl std::fmt::Debug for Pipes {
 }
 
 struct Pipe {
+    peer: PeerId,
     state: Mutex<PipeState>,
     frames: mpsc::Sender<Out>,
 }
 
 struct PipeState {
     next: u64,
-    pending: HashMap<u64, oneshot::Sender<std::result::Result<Answer, PipeError>>>,
+    pending: HashMap<u64, Waiter>,
     last_used: Instant,
     closed: bool,
     /// Whether the callee said it took the pipe.
     accepted: bool,
+}
+
+/// Who waits for the frames of a tag.
+enum Waiter {
+    /// A call (or cancel) answered by one result envelope.
+    Once(oneshot::Sender<std::result::Result<Answer, PipeError>>),
+    /// A stream call: its frames as they come, for [`StreamCall`] to check; room for a full
+    /// window and the last chunk. A callee that sends past the window overflows it and the
+    /// stream ends.
+    Stream(mpsc::Sender<std::result::Result<Frame, PipeError>>),
+}
+
+/// A stream call under way on a pipe: its tag, its frames, and the pipe, for credits.
+pub(crate) struct StreamCall {
+    pipe: Arc<Pipe>,
+    tag: u64,
+    frames: mpsc::Receiver<std::result::Result<Frame, PipeError>>,
+    _busy: super::ActivityGuard,
+}
+
+impl StreamCall {
+    /// The next frame of the stream: `None` when the pipe dropped it (it closed, or the callee
+    /// overran the window), an error when the pipe failed.
+    pub(crate) async fn next(&mut self) -> Option<Result<Frame>> {
+        match self.frames.recv().await? {
+            Ok(f) => Some(Ok(f)),
+            Err(e) => Some(Err(e.into_error(self.pipe.peer))),
+        }
+    }
+
+    /// Tells the callee we take `n` more chunks.
+    pub(crate) fn credit(&self, n: u32) {
+        self.pipe.send(Out::Frame(credit(self.tag, n)));
+    }
+}
+
+impl Drop for StreamCall {
+    fn drop(&mut self) {
+        let mut st = self.pipe.state.lock().unwrap_or_else(|e| e.into_inner());
+        st.pending.remove(&self.tag);
+        st.last_used = Instant::now();
+    }
+}
+
+impl PipeError {
+    fn into_error(self, peer: PeerId) -> Error {
+        let reason = match self {
+            PipeError::Closed => "the call pipe closed before the callee took the call".to_owned(),
+            PipeError::Lost(reason) => reason,
+            PipeError::Unsupported => NOT_SERVED.to_owned(),
+        };
+        Error::Unreachable {
+            peer: Box::new(peer),
+            reason,
+        }
+    }
 }
 
 /// Why a call on a pipe failed.
@@ -125,6 +182,51 @@ impl Pipes {
                     return Err(Error::Unreachable {
                         peer: Box::new(peer),
                         reason: NOT_SERVED.to_owned(),
+                    });
+                }
+            }
+        }
+        Err(Error::Unreachable {
+            peer: Box::new(peer),
+            reason: format!("{ATTEMPTS} call pipes closed before it took them"),
+        })
+    }
+
+    /// Sends a stream-mode call to `peer`; its frames come through the returned handle.
+    pub(crate) async fn stream(
+        self: &Arc<Self>,
+        peer: PeerId,
+        request: Request,
+    ) -> Result<(StreamCall, Frame)> {
+        // As for `call`: a pipe that closes before the callee took the call may be replaced.
+        for attempt in 0..ATTEMPTS {
+            if attempt > 0 {
+                tokio::time::sleep(Duration::from_millis(20 << attempt)).await;
+            }
+            let pipe = self.pipe(peer).await?;
+            let (tx, rx) = mpsc::channel(super::STREAM_WINDOW as usize + 1);
+            let Some(tag) = pipe.enlist(Waiter::Stream(tx)) else {
+                self.forget(peer, &pipe);
+                continue;
+            };
+            let mut call = StreamCall {
+                pipe: pipe.clone(),
+                tag,
+                frames: rx,
+                _busy: self.activity.begin(peer, false),
+            };
+            if !pipe.send_request(tag, &request).await {
+                self.forget(peer, &pipe);
+                continue;
+            }
+            match call.frames.recv().await {
+                Some(Ok(first)) => return Ok((call, first)),
+                Some(Err(PipeError::Closed)) => self.forget(peer, &pipe),
+                Some(Err(e)) => return Err(e.into_error(peer)),
+                None => {
+                    return Err(Error::Unreachable {
+                        peer: Box::new(peer),
+                        reason: "the call pipe dropped the stream".to_owned(),
                     });
                 }
             }
@@ -247,6 +349,7 @@ impl Pipe {
         let (frames, rx) = mpsc::channel(WRITE_QUEUE);
         let key = pipes.signing.clone();
         let pipe = Arc::new(Pipe {
+            peer,
             state: Mutex::new(PipeState {
                 next: 0,
                 pending: HashMap::new(),
@@ -266,31 +369,53 @@ impl Pipe {
         self.state.lock().unwrap_or_else(|e| e.into_inner()).closed
     }
 
+    /// Takes the next tag for `waiter`; `None` if the pipe closed.
+    fn enlist(&self, waiter: Waiter) -> Option<u64> {
+        let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+        if st.closed || st.pending.len() >= MAX_PENDING {
+            return None;
+        }
+        let tag = st.next;
+        st.next += 1;
+        st.pending.insert(tag, waiter);
+        st.last_used = Instant::now();
+        Some(tag)
+    }
+
+    /// Queues a request under `tag`; false if the pipe's writer is gone.
+    async fn send_request(&self, tag: u64, request: &Request) -> bool {
+        let out = match request {
+            Request::Signed(bytes) => Out::Frame(frame(tag, ENVELOPE, bytes)),
+            Request::Unsigned(u) => Out::Sign(tag, u.clone()),
+        };
+        self.frames.send(out).await.is_ok()
+    }
+
+    /// Queues a small frame without waiting: at once when the writer has room, else from a
+    /// task of its own.
+    fn send(&self, out: Out) {
+        if let Err(mpsc::error::TrySendError::Full(out)) = self.frames.try_send(out) {
+            let tx = self.frames.clone();
+            tokio::spawn(async move {
+                let _ = tx.send(out).await;
+            });
+        }
+    }
+
     async fn call(self: &Arc<Self>, request: &Request) -> std::result::Result<Answer, PipeError> {
         let (tx, rx) = oneshot::channel();
-        let tag = {
-            let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            if st.closed {
-                return Err(PipeError::Closed);
-            }
-            if st.pending.len() >= MAX_PENDING {
+        {
+            let st = self.state.lock().unwrap_or_else(|e| e.into_inner());
+            if !st.closed && st.pending.len() >= MAX_PENDING {
                 return Err(PipeError::Lost(format!(
                     "{MAX_PENDING} calls already wait for it"
                 )));
             }
-            let tag = st.next;
-            st.next += 1;
-            st.pending.insert(tag, tx);
-            st.last_used = Instant::now();
-            tag
-        };
+        }
+        let tag = self.enlist(Waiter::Once(tx)).ok_or(PipeError::Closed)?;
         // Dropped (the caller timed out, or gave up) or not, the tag leaves the map.
         let _unlist = Unlist { pipe: self, tag };
-        let out = match request {
-            Request::Signed(bytes) => Out::Frame(frame(tag, bytes)),
-            Request::Unsigned(u) => Out::Sign(tag, u.clone()),
-        };
-        if self.frames.send(out).await.is_err() {
+        if !self.send_request(tag, request).await {
             return Err(PipeError::Closed);
         }
         rx.await
@@ -321,30 +446,37 @@ impl Pipe {
                 }
                 Err(e) => break e.to_string(),
             };
-            let results: Vec<&[u8]> = frames
-                .iter()
-                .filter(|(tag, _)| *tag != ACCEPTED)
-                .map(|(_, body)| body.as_slice())
-                .collect();
-            let checks = Checks::now().signed_by(peer);
-            let mut answers = envelope::verify_batch(&results)
-                .into_iter()
-                .map(|v| {
-                    v.and_then(|v| v.decode::<CallResult>(&checks))
-                        .map(|o| o.value)
-                })
-                .collect::<Vec<Answer>>()
-                .into_iter();
             let mut st = self.state.lock().unwrap_or_else(|e| e.into_inner());
-            for (tag, _) in &frames {
-                if *tag == ACCEPTED {
+            // Results for single answers are checked together, as one signature batch.
+            let mut once = Vec::new();
+            for f in frames {
+                if f.tag == ACCEPTED {
                     st.accepted = true;
                     continue;
                 }
-                let answer = answers.next();
-                // No waiter: the call timed out here; its late answer is dropped.
-                if let (Some(w), Some(a)) = (st.pending.remove(tag), answer) {
-                    let _ = w.send(Ok(a));
+                match st.pending.get(&f.tag) {
+                    Some(Waiter::Once(_)) => once.push(f),
+                    Some(Waiter::Stream(tx)) => {
+                        let tag = f.tag;
+                        if tx.try_send(Ok(f)).is_err() {
+                            // Past the window, or nobody reads it any more.
+                            tracing::debug!(%peer, "a stream overran its window or was dropped");
+                            st.pending.remove(&tag);
+                        }
+                    }
+                    // No waiter: the call timed out here; its late answer is dropped.
+                    None => {}
+                }
+            }
+            let bodies: Vec<&[u8]> = once.iter().map(|f| f.body.as_slice()).collect();
+            let checks = Checks::now().signed_by(peer);
+            let answers = envelope::verify_batch(&bodies).into_iter().map(|v| {
+                v.and_then(|v| v.decode::<CallResult>(&checks))
+                    .map(|o| o.value)
+            });
+            for (f, answer) in once.iter().zip(answers) {
+                if let Some(Waiter::Once(w)) = st.pending.remove(&f.tag) {
+                    let _ = w.send(Ok(answer));
                 }
             }
         };
@@ -360,14 +492,24 @@ impl Pipe {
             st.closed = true;
             (std::mem::take(&mut st.pending), st.accepted)
         };
-        for (_, w) in waiting {
-            let _ = w.send(Err(if refused {
+        let error = || {
+            if refused {
                 PipeError::Unsupported
             } else if accepted {
                 PipeError::Lost("the connection closed before the result came".to_owned())
             } else {
                 PipeError::Closed
-            }));
+            }
+        };
+        for (_, w) in waiting {
+            match w {
+                Waiter::Once(w) => {
+                    let _ = w.send(Err(error()));
+                }
+                Waiter::Stream(tx) => {
+                    let _ = tx.try_send(Err(error()));
+                }
+            }
         }
         pipes.forget(peer, self);
         let _ = self.frames.try_send(Out::Close);

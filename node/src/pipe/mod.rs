@@ -12,13 +12,15 @@
 //! calls in flight a pipe pays about one signature per write instead of one per call. A frame
 //! that goes out alone carries an ordinary (version 1) envelope.
 //!
-//! Frame: a 4-byte big-endian length of what follows, an 8-byte big-endian tag, then a `call`
-//! envelope (caller to callee) or a `call-result` envelope (back, with the call's tag). Lengths
-//! are checked before anything is allocated. A callee's first frame is an empty one tagged
-//! [`ACCEPTED`]: a pipe that ends before it was never read, so its calls can go again on a new
-//! one (a callee may drop a stream it had no room to accept), signed anew with what queued
-//! beside them there: the payload, and with it the call id the callee's replay check keys on,
-//! stays the same.
+//! Frame (protocol/README.md §1): a 4-byte big-endian length of what follows, an 8-byte
+//! big-endian tag, a type byte, then the body: a signed envelope ([`ENVELOPE`]: `call` or
+//! `cancel` from the caller; `call-result` or a stream's last `stream-chunk` back), an unsigned
+//! stream chunk payload ([`CHUNK`], callee to caller), or a window credit ([`CREDIT`], caller
+//! to callee). Lengths are checked before anything is allocated. A callee's first frame is an
+//! empty envelope frame tagged [`ACCEPTED`]: a pipe that ends before it was never read, so its
+//! calls can go again on a new one (a callee may drop a stream it had no room to accept),
+//! signed anew with what queued beside them there: the payload, and with it the call id the
+//! callee's replay check keys on, stays the same.
 
 mod caller;
 mod serve;
@@ -43,6 +45,17 @@ use tokio::sync::{mpsc, watch};
 pub(crate) const PROTOCOL: StreamProtocol = StreamProtocol::new(CALL_PROTOCOL);
 /// The tag of the callee's first, empty frame: it has taken the pipe and reads it.
 const ACCEPTED: u64 = u64::MAX;
+/// Frame type: a signed envelope.
+pub(crate) const ENVELOPE: u8 = 0;
+/// Frame type: an unsigned stream chunk payload (`skillmesh_protocol::stream`).
+pub(crate) const CHUNK: u8 = 1;
+/// Frame type: the caller takes this many more chunks of the stream with this tag (a 4-byte
+/// big-endian count).
+pub(crate) const CREDIT: u8 = 2;
+/// Chunks a callee may send on a stream beyond those the caller has credited: the window, at
+/// most 16 x 256 KiB = 4 MiB in flight per stream (protocol/README.md §1). The caller credits
+/// chunks back as its reader takes them, half a window at a time.
+pub(crate) const STREAM_WINDOW: u32 = 16;
 /// Frames queued for a pipe's writer; callers wait (and their timeouts run) beyond this.
 const WRITE_QUEUE: usize = 256;
 /// Bytes gathered into one write at most.
@@ -220,36 +233,49 @@ impl Drop for ActivityGuard {
 
 // ---- framing -------------------------------------------------------------------------------------
 
-/// A pipe frame: a length-prefixed frame (the mailbox's framing) whose bytes start with the tag.
-fn frame(tag: u64, body: &[u8]) -> Vec<u8> {
-    crate::wire::encode_frame(&[&tag.to_be_bytes(), body])
+/// A pipe frame as read: its tag, type and body.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub(crate) struct Frame {
+    pub(crate) tag: u64,
+    pub(crate) ty: u8,
+    pub(crate) body: Vec<u8>,
 }
 
-/// Reads one frame; `None` at a clean end of stream. A pipe frame is a mailbox-style frame
-/// (length, then bytes) whose bytes start with the tag.
-async fn read_frame<R: AsyncRead + Unpin>(
-    io: &mut R,
-    max: usize,
-) -> io::Result<Option<(u64, Vec<u8>)>> {
-    let Some(mut bytes) = crate::wire::next_frame(io, max + 8).await? else {
+/// A pipe frame: a length-prefixed frame (the mailbox's framing) whose bytes start with the
+/// tag and the type.
+pub(crate) fn frame(tag: u64, ty: u8, body: &[u8]) -> Vec<u8> {
+    crate::wire::encode_frame(&[&tag.to_be_bytes(), &[ty], body])
+}
+
+/// A credit frame: the caller takes `n` more chunks of the stream tagged `tag`.
+fn credit(tag: u64, n: u32) -> Vec<u8> {
+    frame(tag, CREDIT, &n.to_be_bytes())
+}
+
+/// Reads one frame; `None` at a clean end of stream. `max` bounds the body.
+async fn read_frame<R: AsyncRead + Unpin>(io: &mut R, max: usize) -> io::Result<Option<Frame>> {
+    let Some(bytes) = crate::wire::next_frame(io, max + 9).await? else {
         return Ok(None);
     };
-    let tag = tag_of(&bytes)?;
-    bytes.drain(..8);
-    Ok(Some((tag, bytes)))
+    split_frame(&bytes).map(Some)
 }
 
-/// The tag a frame's bytes start with.
-fn tag_of(frame: &[u8]) -> io::Result<u64> {
-    frame
-        .first_chunk::<8>()
-        .map(|t| u64::from_be_bytes(*t))
-        .ok_or_else(|| {
-            io::Error::new(
-                io::ErrorKind::InvalidData,
-                format!("frame of {} bytes has no room for its tag", frame.len()),
-            )
-        })
+/// The tag, type and body of a frame's bytes.
+fn split_frame(bytes: &[u8]) -> io::Result<Frame> {
+    match bytes {
+        [t0, t1, t2, t3, t4, t5, t6, t7, ty, body @ ..] => Ok(Frame {
+            tag: u64::from_be_bytes([*t0, *t1, *t2, *t3, *t4, *t5, *t6, *t7]),
+            ty: *ty,
+            body: body.to_vec(),
+        }),
+        _ => Err(io::Error::new(
+            io::ErrorKind::InvalidData,
+            format!(
+                "frame of {} bytes has no room for its tag and type",
+                bytes.len()
+            ),
+        )),
+    }
 }
 
 /// Reads one frame, waiting for it, then those already buffered behind it, `limit` in all at
@@ -259,7 +285,7 @@ async fn read_frames<R: AsyncRead + Unpin>(
     io: &mut BufReader<R>,
     max: usize,
     limit: usize,
-) -> io::Result<Vec<(u64, Vec<u8>)>> {
+) -> io::Result<Vec<Frame>> {
     let mut frames = Vec::new();
     let Some(first) = read_frame(io, max).await? else {
         return Ok(frames);
@@ -278,22 +304,22 @@ async fn read_frames<R: AsyncRead + Unpin>(
 fn buffered_frame<R: AsyncRead + Unpin>(
     io: &mut BufReader<R>,
     max: usize,
-) -> io::Result<Option<(u64, Vec<u8>)>> {
+) -> io::Result<Option<Frame>> {
     let buf = io.buffer();
     let Some(len) = buf.get(..4).and_then(|l| <[u8; 4]>::try_from(l).ok()) else {
         return Ok(None);
     };
     let len = u32::from_be_bytes(len) as usize;
-    if len > max + 8 {
+    if len > max + 9 {
         return Err(io::Error::new(
             io::ErrorKind::InvalidData,
-            format!("frame of {len} bytes is over the limit of {}", max + 8),
+            format!("frame of {len} bytes is over the limit of {}", max + 9),
         ));
     }
-    let Some(frame) = buf.get(4..4 + len) else {
+    let Some(bytes) = buf.get(4..4 + len) else {
         return Ok(None);
     };
-    let f = (tag_of(frame)?, frame[8..].to_vec());
+    let f = split_frame(bytes)?;
     io.consume_unpin(4 + len);
     Ok(Some(f))
 }
@@ -319,7 +345,7 @@ impl Request {
 
 /// What a pipe's writer is asked to do.
 #[derive(Debug)]
-enum Out {
+pub(crate) enum Out {
     /// Send a frame as it is.
     Frame(Vec<u8>),
     /// Sign an envelope, with the others that queued beside it, and send it under a tag.
@@ -353,7 +379,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
             let f = match o {
                 Out::Frame(f) => f,
                 // sign_batch gives one envelope per input, in order.
-                Out::Sign(tag, _) => frame(tag, &signed.next().unwrap_or_default()),
+                Out::Sign(tag, _) => frame(tag, ENVELOPE, &signed.next().unwrap_or_default()),
                 Out::Close => {
                     closing = true;
                     break;
@@ -374,7 +400,7 @@ async fn write_frames<W: AsyncWrite + Unpin>(
     let _ = io.close().await;
 }
 
-pub(crate) use caller::Pipes;
+pub(crate) use caller::{Pipes, StreamCall};
 pub(crate) use serve::{ServeLimits, serve};
 pub(crate) use streams::Streams;
 
@@ -385,6 +411,14 @@ mod tests {
     use libp2p::futures::io::Cursor;
 
     use super::*;
+
+    fn f(tag: u64, ty: u8, body: &[u8]) -> Frame {
+        Frame {
+            tag,
+            ty,
+            body: body.to_vec(),
+        }
+    }
 
     fn key() -> SigningKey {
         SigningKey::from_keypair(&libp2p::identity::Keypair::generate_ed25519()).expect("ed25519")
@@ -413,7 +447,7 @@ mod tests {
         let k = key();
         let (tx, rx) = mpsc::channel(16);
         let calls: Vec<Unsigned> = (0..5).map(|i| unsigned(&k, i)).collect();
-        tx.send(Out::Frame(frame(100, b"as is")))
+        tx.send(Out::Frame(frame(100, CREDIT, b"as is")))
             .await
             .expect("queue");
         for (i, u) in calls.iter().enumerate() {
@@ -430,14 +464,14 @@ mod tests {
         let bytes = out.into_inner();
         let mut r = Cursor::new(&bytes);
         let first = read_frame(&mut r, 4096).await.expect("read");
-        assert_eq!(first, Some((100, b"as is".to_vec())));
+        assert_eq!(first, Some(f(100, CREDIT, b"as is")));
         let mut signatures = Vec::new();
         for (i, u) in calls.iter().enumerate() {
-            let (tag, e) = read_frame(&mut r, 4096)
+            let Frame { tag, ty, body: e } = read_frame(&mut r, 4096)
                 .await
                 .expect("read")
                 .expect("frame");
-            assert_eq!(tag, i as u64);
+            assert_eq!((tag, ty), (i as u64, ENVELOPE));
             let v = envelope::verify(&e).expect("verifies alone");
             assert_eq!(v.signer(), k.peer_id());
             assert_eq!(v.payload(), u.payload());
@@ -452,10 +486,11 @@ mod tests {
 
     #[tokio::test]
     async fn frames_round_trip_and_bad_lengths_are_refused_before_allocating() {
-        let f = frame(7, b"hello");
-        assert_eq!(&f[..4], &13u32.to_be_bytes());
-        let got = read_frame(&mut Cursor::new(&f), 10).await.expect("read");
-        assert_eq!(got, Some((7, b"hello".to_vec())));
+        let f0 = frame(7, CHUNK, b"hello");
+        assert_eq!(&f0[..4], &14u32.to_be_bytes());
+        let got = read_frame(&mut Cursor::new(&f0), 10).await.expect("read");
+        assert_eq!(got, Some(f(7, CHUNK, b"hello")));
+        let f = f0;
         // Over the limit, or claiming 4 GiB with no body: refused by the length check.
         assert!(read_frame(&mut Cursor::new(&f), 4).await.is_err());
         let mut huge = u32::MAX.to_be_bytes().to_vec();
@@ -464,8 +499,8 @@ mod tests {
             .await
             .expect_err("oversize");
         assert_eq!(err.kind(), io::ErrorKind::InvalidData);
-        // A length too short to hold the tag.
-        let short = [0, 0, 0, 3, 0, 0, 0, 0, 0, 0, 0, 0];
+        // A length too short to hold the tag and type.
+        let short = [0, 0, 0, 8, 0, 0, 0, 0, 0, 0, 0, 0];
         assert!(read_frame(&mut Cursor::new(&short), 1024).await.is_err());
         // A clean end between frames is the end of the pipe; one inside a frame is an error.
         assert_eq!(
@@ -479,22 +514,22 @@ mod tests {
     async fn frames_that_arrived_together_are_read_together() {
         let mut bytes = Vec::new();
         for i in 0..5u64 {
-            bytes.extend(frame(i, &[i as u8; 3]));
+            bytes.extend(frame(i, CHUNK, &[i as u8; 3]));
         }
         // Half of a sixth frame: it waits for the next read.
-        bytes.extend(&frame(5, &[5; 3])[..9]);
+        bytes.extend(&frame(5, CHUNK, &[5; 3])[..10]);
         let mut r = BufReader::with_capacity(1024, Cursor::new(bytes));
         let got = read_frames(&mut r, 10, 3).await.expect("read");
-        assert_eq!(got.iter().map(|f| f.0).collect::<Vec<_>>(), vec![0, 1, 2]);
+        assert_eq!(got.iter().map(|f| f.tag).collect::<Vec<_>>(), vec![0, 1, 2]);
         let got = read_frames(&mut r, 10, 64).await.expect("read");
-        assert_eq!(got, vec![(3, vec![3; 3]), (4, vec![4; 3])]);
+        assert_eq!(got, vec![f(3, CHUNK, &[3; 3]), f(4, CHUNK, &[4; 3])]);
         assert!(
             read_frames(&mut r, 10, 64).await.is_err(),
             "cut inside a frame"
         );
         // A buffered frame over the limit is refused as a read one is.
-        let mut big = frame(0, &[0; 3]);
-        big.extend(frame(1, &[0; 30]));
+        let mut big = frame(0, CHUNK, &[0; 3]);
+        big.extend(frame(1, CHUNK, &[0; 30]));
         let mut r = BufReader::with_capacity(1024, Cursor::new(big));
         assert!(read_frames(&mut r, 10, 64).await.is_err());
     }
@@ -503,7 +538,7 @@ mod tests {
     async fn queued_frames_are_written_together_in_order() {
         let (tx, rx) = mpsc::channel(8);
         for i in 0..5u64 {
-            tx.send(Out::Frame(frame(i, &[i as u8; 3])))
+            tx.send(Out::Frame(frame(i, CHUNK, &[i as u8; 3])))
                 .await
                 .expect("queue");
         }
@@ -514,7 +549,7 @@ mod tests {
         let mut r = Cursor::new(&bytes);
         for i in 0..5u64 {
             let got = read_frame(&mut r, 10).await.expect("read");
-            assert_eq!(got, Some((i, vec![i as u8; 3])));
+            assert_eq!(got, Some(f(i, CHUNK, &[i as u8; 3])));
         }
         assert_eq!(read_frame(&mut r, 10).await.expect("end"), None);
     }
@@ -568,7 +603,9 @@ mod tests {
         assert_eq!(err.kind(), io::ErrorKind::BrokenPipe);
         // The writer still holds a frame: it stops at the first write, without a panic.
         let (tx, rx) = mpsc::channel(8);
-        tx.send(Out::Frame(frame(1, b"late"))).await.expect("queue");
+        tx.send(Out::Frame(frame(1, CHUNK, b"late")))
+            .await
+            .expect("queue");
         drop(tx);
         write_frames(write, rx, key()).await;
     }

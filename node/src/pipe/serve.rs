@@ -6,16 +6,16 @@ use std::time::Duration;
 
 use libp2p::futures::io::BufReader;
 use libp2p::{PeerId, Stream};
-use skillmesh_protocol::Kind;
-use skillmesh_protocol::envelope::MAX_BATCH;
+use skillmesh_protocol::envelope::{self, MAX_BATCH};
+use skillmesh_protocol::{Kind, Mode};
 use tokio::sync::{Semaphore, mpsc, watch};
 
 use super::streams::{Gone, Incoming};
 use super::{
-    ACCEPTED, Activity, Out, READ_BUFFER, WRITE_QUEUE, frame, read_frames, split_guarded,
-    write_frames,
+    ACCEPTED, Activity, CREDIT, ENVELOPE, Out, READ_BUFFER, STREAM_WINDOW, WRITE_QUEUE, frame,
+    read_frames, split_guarded, write_frames,
 };
-use crate::calls::Inbound;
+use crate::calls::{Inbound, Replier};
 
 /// A callee closes a pipe that has sent it nothing for this long.
 const CALLEE_IDLE: Duration = Duration::from_secs(60);
@@ -109,20 +109,22 @@ async fn serve_pipe(
     let (frames_tx, rx) = mpsc::channel(WRITE_QUEUE);
     tokio::spawn(write_frames(write, rx, inbound.signing().clone()));
     if frames_tx
-        .send(Out::Frame(frame(ACCEPTED, &[])))
+        .send(Out::Frame(frame(ACCEPTED, ENVELOPE, &[])))
         .await
         .is_err()
     {
         return;
     }
     let room = Arc::new(Semaphore::new(limits.per_pipe));
+    // The window of each stream running on this pipe, by tag: credit frames refill it.
+    let windows: Windows = Arc::default();
     let max = Kind::Call.max_envelope();
     let mut read = BufReader::with_capacity(READ_BUFFER, read);
     loop {
         // Reading stops while the pipe has its fill of calls running: the caller's stream
         // window fills and it waits, instead of us queueing without bound.
         let Ok(first) = room.clone().acquire_owned().await else {
-            return;
+            break;
         };
         let limit = (1 + room.available_permits()).min(MAX_BATCH);
         let next = tokio::select! {
@@ -138,30 +140,88 @@ async fn serve_pipe(
                 tracing::debug!(%peer, "call pipe broken: {e}");
                 break;
             }
+            Err(_) if !windows_empty(&windows) => continue,
             Err(_) => {
                 tracing::debug!(%peer, "call pipe idle; closing");
                 break;
             }
         };
-        let requests: Vec<&[u8]> = frames.iter().map(|(_, r)| r.as_slice()).collect();
-        let calls = inbound.open(peer, &requests);
+        let mut calls = Vec::new();
+        for f in frames {
+            match (f.ty, envelope::peek_payload(&f.body).map(|(k, _)| k)) {
+                (CREDIT, _) => {
+                    let n = f
+                        .body
+                        .first_chunk::<4>()
+                        .map_or(0, |n| u32::from_be_bytes(*n));
+                    let windows = windows.lock().unwrap_or_else(|e| e.into_inner());
+                    // A credit for a stream that ended is late, not wrong.
+                    if let Some(w) = windows.get(&f.tag) {
+                        let room = (STREAM_WINDOW as usize).saturating_sub(w.available_permits());
+                        w.add_permits((n as usize).min(room));
+                    }
+                }
+                (ENVELOPE, Some(Kind::Cancel)) => {
+                    let out = match inbound.cancel(peer, &f.body) {
+                        Some(u) => Out::Sign(f.tag, u),
+                        None => Out::Frame(frame(f.tag, ENVELOPE, &[])),
+                    };
+                    // Never waits on the read loop's behalf: the writer's queue may be full.
+                    let tx = frames_tx.clone();
+                    tokio::spawn(async move {
+                        let _ = tx.send(out).await;
+                    });
+                }
+                (ENVELOPE, _) => calls.push(f),
+                (ty, _) => {
+                    tracing::debug!(%peer, "call pipe broken: a frame of type {ty} from the caller");
+                    close_windows(&windows);
+                    return;
+                }
+            }
+        }
+        if calls.is_empty() {
+            continue;
+        }
+        let requests: Vec<&[u8]> = calls.iter().map(|f| f.body.as_slice()).collect();
+        let opened = inbound.open(peer, &requests);
         let mut slots = std::iter::once(Some(first)).chain(std::iter::repeat_with(|| {
             room.clone().try_acquire_owned().ok()
         }));
-        for ((tag, request), call) in frames.into_iter().zip(calls) {
+        for (f, call) in calls.into_iter().zip(opened) {
             // Only this loop takes permits, and `limit` counted them: there is one.
             let slot = slots.next().flatten();
             let busy = activity.begin(peer, true);
-            let (inbound, tx) = (inbound.clone(), frames_tx.clone());
+            let window = Arc::new(Semaphore::new(STREAM_WINDOW as usize));
+            if matches!(&call, Ok(c) if c.mode == Mode::Stream) {
+                let mut w = windows.lock().unwrap_or_else(|e| e.into_inner());
+                w.insert(f.tag, window.clone());
+            }
+            let reply = Replier::pipe(f.tag, frames_tx.clone(), window);
+            let (inbound, windows) = (inbound.clone(), windows.clone());
             tokio::spawn(async move {
-                let out = match inbound.handle_opened(peer, &request, call).await {
-                    Some(result) => Out::Sign(tag, result),
-                    // No result could be sealed: an empty frame, which the caller refuses.
-                    None => Out::Frame(frame(tag, &[])),
-                };
-                let _ = tx.send(out).await;
+                inbound.serve(peer, &f.body, call, reply).await;
+                windows
+                    .lock()
+                    .unwrap_or_else(|e| e.into_inner())
+                    .remove(&f.tag);
                 drop((busy, slot));
             });
         }
+    }
+    // Streams still running here have lost their caller: their windows close, and they stop.
+    close_windows(&windows);
+}
+
+/// The stream windows of one pipe's calls, by tag.
+type Windows = Arc<Mutex<HashMap<u64, Arc<Semaphore>>>>;
+
+fn windows_empty(windows: &Windows) -> bool {
+    windows.lock().unwrap_or_else(|e| e.into_inner()).is_empty()
+}
+
+fn close_windows(windows: &Windows) {
+    for w in windows.lock().unwrap_or_else(|e| e.into_inner()).values() {
+        w.close();
     }
 }

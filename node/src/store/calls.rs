@@ -12,26 +12,63 @@ pub enum Direction {
     Inbound,
 }
 
-/// The lifecycle of a call.
+/// The lifecycle of a call, on both sides. The names are those of A2A task states, one to one
+/// (docs/calls.md): `submitted` -> `working` -> `completed` | `failed` | `canceled`, or
+/// `rejected` when the callee refused it before running it. Entries written by older versions
+/// (`pending`, `running`, `timeout`, `cancelled`, ...) read as the state they became.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum CallState {
-    /// Created, not yet sent.
-    Pending,
-    /// Sent toward the callee.
-    Routed,
-    /// Accepted, waiting for a slot.
-    Queued,
-    /// The handler runs.
-    Running,
+    /// Sent (caller) or received (callee); not running yet.
+    #[serde(alias = "pending", alias = "routed", alias = "queued")]
+    Submitted,
+    /// The handler runs: an accepted async call, a stream under way.
+    #[serde(alias = "running")]
+    Working,
     /// Finished with a result.
     Completed,
-    /// Finished with an error.
+    /// Ran and failed, ran out of time, or was interrupted by a restart.
+    #[serde(alias = "timeout")]
     Failed,
-    /// Ran out of time.
-    Timeout,
     /// Stopped by the caller.
-    Cancelled,
+    #[serde(alias = "cancelled")]
+    Canceled,
+    /// Refused before it ran: access, limits, unknown skill, bad request.
+    Rejected,
+}
+
+impl CallState {
+    /// Whether the call is over.
+    pub fn is_final(self) -> bool {
+        !matches!(self, CallState::Submitted | CallState::Working)
+    }
+
+    /// The A2A task state name.
+    pub fn name(self) -> &'static str {
+        match self {
+            CallState::Submitted => "submitted",
+            CallState::Working => "working",
+            CallState::Completed => "completed",
+            CallState::Failed => "failed",
+            CallState::Canceled => "canceled",
+            CallState::Rejected => "rejected",
+        }
+    }
+}
+
+impl std::fmt::Display for CallState {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.name())
+    }
+}
+
+/// A state a call entered, and when.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Transition {
+    /// The state entered.
+    pub state: CallState,
+    /// When, on this node's clock.
+    pub at: Timestamp,
 }
 
 /// One line of the call log.
@@ -53,6 +90,48 @@ pub struct CallLogEntry {
     pub started_at: Timestamp,
     /// When its state last changed.
     pub updated_at: Timestamp,
+    /// The mode it ran in.
+    #[serde(default)]
+    pub mode: Mode,
+    /// Every state it entered, in order, with its time.
+    #[serde(default)]
+    pub history: Vec<Transition>,
+}
+
+impl CallLogEntry {
+    /// A new entry in `state` as of now.
+    pub fn new(
+        call_id: CallId,
+        direction: Direction,
+        peer: PeerId,
+        skill: SkillName,
+        mode: Mode,
+        state: CallState,
+    ) -> Self {
+        let now = Timestamp::now();
+        CallLogEntry {
+            call_id,
+            direction,
+            peer,
+            skill,
+            state,
+            error: None,
+            started_at: now,
+            updated_at: now,
+            mode,
+            history: vec![Transition { state, at: now }],
+        }
+    }
+
+    /// Moves to `state` as of `at`; a final state is never left.
+    pub fn enter(&mut self, state: CallState, at: Timestamp) {
+        if self.state.is_final() || self.state == state {
+            return;
+        }
+        self.state = state;
+        self.updated_at = at;
+        self.history.push(Transition { state, at });
+    }
 }
 
 impl Store {
@@ -82,6 +161,29 @@ impl Store {
         let index = self.call_index.clone();
         self.run_in_background(move |db, limits| {
             write_call_log(db, limits, &index, entries, durable)
+        })
+        .await
+    }
+
+    /// Our log entry of call `id` on the `direction` side, if the log still holds it.
+    pub async fn call_entry(
+        &self,
+        id: CallId,
+        direction: Direction,
+    ) -> Result<Option<CallLogEntry>, StoreError> {
+        let key = {
+            let index = self.call_index.lock().unwrap_or_else(|e| e.into_inner());
+            index.get(&call_index_key(&id, direction)).copied()
+        };
+        let Some(key) = key else {
+            return Ok(None);
+        };
+        self.run(move |db, _| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(CALL_LOG)?;
+            t.get(key.as_slice())?
+                .map(|v| decode("call_log", v.value()))
+                .transpose()
         })
         .await
     }

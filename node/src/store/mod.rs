@@ -18,7 +18,7 @@ use serde::de::DeserializeOwned;
 use serde::{Deserialize, Serialize};
 use serde_bytes::ByteBuf;
 use skillmesh_protocol::{
-    CallId, ErrorCode, MessageId, SkillName, SkillSpec, Timestamp, from_cbor, to_cbor,
+    CallId, ErrorCode, MessageId, Mode, SkillName, SkillSpec, Timestamp, from_cbor, to_cbor,
 };
 
 /// The layout version of the store. Bump it with a migration when a table's format changes.

@@ -13,18 +13,26 @@ use serde_bytes::ByteBuf;
 use serde_json::Value;
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::{
-    Call, CallError, CallId, CallResult, CallStatus, EnvelopeError, ErrorCode, Grant, Kind,
-    MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, ShareMode, SigningKey, SkillName, Timestamp, Timings,
-    Unsigned, from_cbor, to_cbor,
+    Call, CallError, CallId, CallResult, CallStatus, Cancel, EnvelopeError, ErrorCode, Grant, Kind,
+    MAX_CALL_ARGS_BYTES, MAX_OUTPUT_BYTES, MessageId, Mode, ShareMode, SigningKey, SkillName,
+    Timestamp, Timings, Unsigned, from_cbor, to_cbor,
 };
-use tokio::sync::Semaphore;
+use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
-use crate::access::{PeerSlots, RateLimiter, ReplayCache, replay_horizon};
+use crate::access::{PeerSlot, PeerSlots, RateLimiter, ReplayCache, replay_horizon};
 use crate::call_log::CallLog;
 use crate::config::CallsConfig;
 use crate::metrics::NodeMetrics;
-use crate::skills::{CallContext, Registry};
+use crate::skills::{CallContext, Handler, Registered, Registry, SkillHandler};
 use crate::store::{CallLogEntry, CallState, Direction};
+
+mod reply;
+mod running;
+mod stream;
+
+pub(crate) use reply::{Replier, Reply};
+use running::{RunGuard, Running};
+pub(crate) use stream::decode as decode_chunk;
 
 /// Replay cache entries at most; at 100 calls/s per peer and a 6-minute horizon this is room
 /// for several busy peers, and at ~150 bytes an entry about 30 MB in the worst case.
@@ -44,6 +52,7 @@ pub(crate) struct Inbound {
     global: Arc<Semaphore>,
     log: CallLog,
     metrics: NodeMetrics,
+    running: Arc<Running>,
 }
 
 impl Inbound {
@@ -69,16 +78,21 @@ impl Inbound {
             global: Arc::new(Semaphore::new(config.max_inbound as usize)),
             log,
             metrics,
+            running: Arc::default(),
         }
     }
 
-    /// Checks and runs one call from `peer`; returns the result envelope, signed alone.
+    /// Checks and runs one sync call from `peer` that takes no pipe (one to ourselves);
+    /// returns the result envelope, signed alone.
     pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
         let call = envelope::open::<Call>(&request, &self.checks(peer)).map(|o| o.value);
-        self.handle_opened(peer, &request, call)
-            .await
-            .map(|r| r.sign(&self.signing))
-            .unwrap_or_default()
+        let (tx, mut rx) = mpsc::channel(1);
+        let reply = Replier::local(tx);
+        self.serve(peer, &request, call, reply).await;
+        match rx.recv().await {
+            Some(Reply::Result(Some(u))) => u.sign(&self.signing),
+            _ => Vec::new(),
+        }
     }
 
     /// The key our results are signed with.
@@ -108,54 +122,96 @@ impl Inbound {
         }
     }
 
-    /// [`Inbound::handle`] for a call already opened (or refused) by [`Inbound::open`]: the
-    /// result, checked and encoded, for its pipe's writer to sign with the others that finish
-    /// beside it. `None` only if even an "output too large" result could not be encoded.
-    pub(crate) async fn handle_opened(
+    /// Serves one call already opened (or refused) by [`Inbound::open`]: checks it, runs it in
+    /// its mode, and answers through `reply` (a result for its pipe's writer to sign with the
+    /// others that finish beside it, or a stream's chunks). Returns when the call is over.
+    pub(crate) async fn serve(
         &self,
         peer: PeerId,
         request: &[u8],
         call: Result<Call, EnvelopeError>,
-    ) -> Option<Unsigned> {
+        reply: Replier,
+    ) {
         let received = Instant::now();
-        let started_at = Timestamp::now();
         let (call_id, skill_name) = peek(request);
-        let (status, output, error, run_ms) = match self.admit_and_run(peer, call).await {
-            Ok((out, run)) => (CallStatus::Completed, Some(ByteBuf::from(out)), None, run),
-            Err(e) => (CallStatus::Failed, None, Some(e), 0),
-        };
-        self.metrics.call(
-            true,
-            error.as_ref().map_or("ok", |e| e.code.name()),
-            received.elapsed(),
-        );
-        if let Some(skill) = skill_name {
-            self.log.record(CallLogEntry {
+        let mut entry = skill_name.map(|skill| {
+            CallLogEntry::new(
                 call_id,
-                direction: Direction::Inbound,
+                Direction::Inbound,
                 peer,
                 skill,
-                state: final_state(error.as_ref()),
-                error: error.as_ref().map(|e| e.code),
-                started_at,
-                updated_at: started_at,
-            });
+                call.as_ref().map_or(Mode::Sync, |c| c.mode),
+                CallState::Submitted,
+            )
+        });
+        let (outcome, run_ms) = match self.admit(peer, call) {
+            Err(e) => (Outcome::Rejected(e), 0),
+            Ok(admitted) => {
+                let started = Instant::now();
+                if let Some(e) = &mut entry {
+                    e.enter(CallState::Working, Timestamp::now());
+                }
+                let outcome = match admitted.skill.handler.clone() {
+                    Handler::Stream(h) => {
+                        if let Some(e) = &entry {
+                            // A stream may run for minutes: show it while it does.
+                            self.log.record(e.clone());
+                        }
+                        let call_msg = envelope::peek_payload(request)
+                            .map(|(_, p)| MessageId::of(p))
+                            .unwrap_or(MessageId([0; 32]));
+                        self.run_stream(admitted, h, call_msg, &reply).await
+                    }
+                    Handler::Unary(h) => match self.run_unary(admitted, h).await {
+                        Ok(out) => Outcome::Output(out),
+                        Err(e) => Outcome::Failed(e),
+                    },
+                };
+                (
+                    outcome,
+                    u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+                )
+            }
+        };
+        let error = outcome.error();
+        self.metrics.call(
+            true,
+            error.map_or("ok", |e| e.code.name()),
+            received.elapsed(),
+        );
+        if let Some(mut e) = entry {
+            e.error = error.map(|e| e.code);
+            e.enter(outcome.state(), Timestamp::now());
+            self.log.record(e);
         }
         let total = received.elapsed().as_millis();
-        let result = CallResult {
-            call_id,
-            callee: self.me,
-            caller: peer,
-            status,
-            output,
-            error,
-            timings: Timings {
-                queued_ms: u32::try_from(total.saturating_sub(u128::from(run_ms)))
-                    .unwrap_or(u32::MAX),
-                run_ms,
+        let timings = Timings {
+            queued_ms: u32::try_from(total.saturating_sub(u128::from(run_ms))).unwrap_or(u32::MAX),
+            run_ms,
+        };
+        let result = match outcome {
+            // Its last chunk went out already.
+            Outcome::Streamed(_) => return,
+            Outcome::Output(out) => CallResult {
+                call_id,
+                callee: self.me,
+                caller: peer,
+                status: CallStatus::Completed,
+                output: Some(ByteBuf::from(out)),
+                error: None,
+                timings,
+            },
+            Outcome::Rejected(e) | Outcome::Failed(e) => CallResult {
+                call_id,
+                callee: self.me,
+                caller: peer,
+                status: CallStatus::Failed,
+                output: None,
+                error: Some(e),
+                timings,
             },
         };
-        match envelope::prepare(&self.signing, &result) {
+        let unsigned = match envelope::prepare(&self.signing, &result) {
             Ok(unsigned) => Some(unsigned),
             Err(e) => {
                 // Only an oversize output can get here; answer with that instead.
@@ -168,14 +224,51 @@ impl Inbound {
                 };
                 envelope::prepare(&self.signing, &failed).ok()
             }
-        }
+        };
+        reply.result(unsigned).await;
     }
 
-    async fn admit_and_run(
+    /// Answers a `cancel` envelope from `peer`: a result addressed to `peer` that says whether
+    /// the call is stopping (`cancelled`), or why not (`access_denied` for anyone but its
+    /// caller, `unknown_call`).
+    pub(crate) fn cancel(&self, peer: PeerId, request: &[u8]) -> Option<Unsigned> {
+        let opened = envelope::open::<Cancel>(request, &self.checks(peer)).map(|o| o.value);
+        let (call_id, error) = match opened {
+            Err(e) => (CallId([0; 16]), refusal(e)),
+            Ok(c) if c.target != self.me => (
+                c.call_id,
+                CallError::new(ErrorCode::WrongTarget, format!("this is {}", self.me)),
+            ),
+            Ok(c) => match self.running.cancel(c.call_id, peer) {
+                Ok(running::Cancelled::Stopping) => (
+                    c.call_id,
+                    CallError::new(ErrorCode::Cancelled, "cancelled by the caller"),
+                ),
+                Err(e) => {
+                    tracing::debug!(%peer, call = %c.call_id, "cancel refused: {e}");
+                    (c.call_id, e)
+                }
+            },
+        };
+        let result = CallResult {
+            call_id,
+            callee: self.me,
+            caller: peer,
+            status: CallStatus::Failed,
+            output: None,
+            error: Some(error),
+            timings: Timings::default(),
+        };
+        envelope::prepare(&self.signing, &result).ok()
+    }
+
+    /// Every check a call must pass before it runs, in the order of protocol/README.md §4;
+    /// on success the call holds its slots until [`Admitted`] is dropped.
+    fn admit(
         &self,
         peer: PeerId,
         call: Result<Call, EnvelopeError>,
-    ) -> Result<(Vec<u8>, u32), CallError> {
+    ) -> Result<Admitted, CallError> {
         let now = Timestamp::now();
         let call = call.map_err(refusal)?;
         if call.target != self.me {
@@ -234,16 +327,16 @@ impl Inbound {
         }
         let busy =
             |what: &str| CallError::new(ErrorCode::Busy, format!("too many calls running {what}"));
-        let _global = self
+        let global = self
             .global
             .clone()
             .try_acquire_owned()
             .map_err(|_| busy("on this node"))?;
-        let _peer_slot = self
+        let peer_slot = self
             .per_peer
             .try_take(peer)
             .ok_or_else(|| busy("from you"))?;
-        let _skill_slot = skill
+        let skill_slot = skill
             .slots
             .clone()
             .try_acquire_owned()
@@ -274,30 +367,69 @@ impl Inbound {
                 format!("arguments do not match the schema: {e}"),
             ));
         }
-
-        // The handler's deadline: its own timeout, and never past the call's expiry.
-        let until_expiry =
-            Duration::from_millis(call.expires_at.as_millis().saturating_sub(now.as_millis()))
-                + self.max_skew;
-        let timeout = spec.limits.timeout().min(until_expiry);
+        let run = self
+            .running
+            .enter(call.call_id, peer)
+            .ok_or_else(|| busy("(or this call id runs already)"))?;
+        // A sync call's caller stops waiting at its expiry: its handler stops there too. A
+        // stream or async call only had to arrive in its window; it runs for the skill's time.
+        let timeout = match call.mode {
+            Mode::Sync => {
+                let until_expiry = Duration::from_millis(
+                    call.expires_at.as_millis().saturating_sub(now.as_millis()),
+                ) + self.max_skew;
+                spec.limits.timeout().min(until_expiry)
+            }
+            Mode::Async | Mode::Stream => spec.limits.timeout(),
+        };
         let ctx = CallContext {
             caller: peer,
             call_id: call.call_id,
             skill: call.skill.clone(),
             deadline: Instant::now() + timeout,
+            cancel: run.token().clone(),
         };
-        let started = Instant::now();
-        let output = tokio::time::timeout(timeout, skill.handler.call(ctx, args))
-            .await
-            .map_err(|_| {
-                CallError::new(ErrorCode::Timeout, format!("no result within {timeout:?}"))
-            })?
-            .map_err(|e| CallError::new(ErrorCode::HandlerFailed, e.message))?;
-        let run_ms = u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX);
+        Ok(Admitted {
+            ctx,
+            args,
+            timeout,
+            skill,
+            _slots: (global, peer_slot, skill_slot),
+            run,
+        })
+    }
+
+    /// Runs a sync (or async) call's handler until it answers, the deadline passes, or the
+    /// caller cancels; checks and encodes the output.
+    async fn run_unary(
+        &self,
+        admitted: Admitted,
+        handler: Arc<dyn SkillHandler>,
+    ) -> Result<Vec<u8>, CallError> {
+        let Admitted {
+            ctx,
+            args,
+            timeout,
+            skill,
+            run,
+            ..
+        } = admitted;
+        let token = run.token().clone();
+        let output = tokio::select! {
+            r = tokio::time::timeout(timeout, handler.call(ctx, args)) => r
+                .map_err(|_| {
+                    token.cancel();
+                    CallError::new(ErrorCode::Timeout, format!("no result within {timeout:?}"))
+                })?
+                .map_err(|e| CallError::new(ErrorCode::HandlerFailed, e.message))?,
+            _ = token.cancelled() => {
+                return Err(CallError::new(ErrorCode::Cancelled, "cancelled by the caller"));
+            }
+        };
         if let Some(schema) = &skill.output
             && let Err(e) = schema.validate(&output)
         {
-            tracing::warn!(skill = %spec.name, "handler output does not match its schema: {e}");
+            tracing::warn!(skill = %skill.spec.name, "handler output does not match its schema: {e}");
             return Err(CallError::new(
                 ErrorCode::Internal,
                 "the skill's output does not match its schema",
@@ -310,7 +442,7 @@ impl Inbound {
                 format!("{} bytes of output, at most {MAX_OUTPUT_BYTES}", out.len()),
             ));
         }
-        Ok((out, run_ms))
+        Ok(out)
     }
 
     fn check_access(
@@ -383,14 +515,80 @@ pub(crate) fn peek(request: &[u8]) -> (CallId, Option<SkillName>) {
         .unwrap_or((CallId([0; 16]), None))
 }
 
-/// Where a call ended, for the log.
+/// Where a call ended, for the log, from the error it ended with (none: completed).
 pub(crate) fn final_state(error: Option<&CallError>) -> CallState {
     match error.map(|e| e.code) {
         None => CallState::Completed,
-        Some(ErrorCode::Timeout) => CallState::Timeout,
-        Some(ErrorCode::Cancelled) => CallState::Cancelled,
+        Some(ErrorCode::Cancelled) => CallState::Canceled,
+        Some(code) if rejected(code) => CallState::Rejected,
         Some(_) => CallState::Failed,
     }
+}
+
+/// Whether a callee refuses a call with `code` before running it.
+pub(crate) fn rejected(code: ErrorCode) -> bool {
+    matches!(
+        code,
+        ErrorCode::BadRequest
+            | ErrorCode::BadSignature
+            | ErrorCode::SignerMismatch
+            | ErrorCode::WrongTarget
+            | ErrorCode::Expired
+            | ErrorCode::NotYetValid
+            | ErrorCode::Replayed
+            | ErrorCode::UnknownSkill
+            | ErrorCode::VersionMismatch
+            | ErrorCode::AccessDenied
+            | ErrorCode::RateLimited
+            | ErrorCode::Busy
+            | ErrorCode::ArgsTooLarge
+            | ErrorCode::InvalidArgs
+            | ErrorCode::UnsupportedMode
+            | ErrorCode::ShuttingDown
+    )
+}
+
+/// How a served call ended.
+enum Outcome {
+    /// Refused before it ran.
+    Rejected(CallError),
+    /// Ran and failed (or was cancelled).
+    Failed(CallError),
+    /// Ran and answered.
+    Output(Vec<u8>),
+    /// A stream ended; its last chunk (with the error, if any) is sent.
+    Streamed(Option<CallError>),
+}
+
+impl Outcome {
+    fn error(&self) -> Option<&CallError> {
+        match self {
+            Outcome::Rejected(e) | Outcome::Failed(e) => Some(e),
+            Outcome::Streamed(e) => e.as_ref(),
+            Outcome::Output(_) => None,
+        }
+    }
+
+    fn state(&self) -> CallState {
+        match self {
+            Outcome::Rejected(_) => CallState::Rejected,
+            other => match other.error() {
+                None => CallState::Completed,
+                Some(e) if e.code == ErrorCode::Cancelled => CallState::Canceled,
+                Some(_) => CallState::Failed,
+            },
+        }
+    }
+}
+
+/// A call that passed its checks, holding its slots and its place among the running calls.
+struct Admitted {
+    ctx: CallContext,
+    args: Value,
+    timeout: Duration,
+    skill: Arc<Registered>,
+    _slots: (OwnedSemaphorePermit, PeerSlot, OwnedSemaphorePermit),
+    run: RunGuard,
 }
 
 /// Checks a result from `peer`, opened from its signed envelope, against the call we made.
