@@ -359,7 +359,8 @@ impl Pump {
                     let f = tokio::select! {
                         f = source.next() => match f {
                             Some(f) => f,
-                            None => break Err(self.unreachable("the stream ended before its last chunk")),
+                            // The pipe let it go: the callee sent past the window.
+                            None => break Err(self.bad("the stream overran its window".to_owned())),
                         },
                         _ = self.tx.closed() => break Err(dropped()),
                     };
@@ -422,13 +423,6 @@ impl Pump {
 
     fn chain_call_id(&self) -> CallId {
         self.entry.call_id
-    }
-
-    fn unreachable(&self, reason: &str) -> Error {
-        Error::Unreachable {
-            peer: Box::new(self.peer),
-            reason: reason.to_owned(),
-        }
     }
 
     fn bad(&self, reason: String) -> Error {

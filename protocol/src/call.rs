@@ -1,4 +1,4 @@
-//! Skill calls (`/skillmesh/call/3`, README.md §1, §3): the signed request, its signed result, stream
+//! Skill calls (`/skillmesh/call/4`, README.md §1, §3): the signed request, its signed result, stream
 //! chunks and cancellation, with the stable error codes a caller can act on.
 
 use std::fmt;
