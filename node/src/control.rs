@@ -408,7 +408,10 @@ async fn add_skill(
     let (spec, backing) = decl
         .resolve()
         .map_err(|e| ApiError::from(Error::Invalid(e)))?;
-    let report = s.node.register_shared(spec, backing.handler()).await?;
+    let report = s
+        .node
+        .register_handler(spec.clone(), backing.handler(spec.mode))
+        .await?;
     s.declared
         .lock()
         .unwrap_or_else(|e| e.into_inner())

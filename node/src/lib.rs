@@ -87,6 +87,8 @@ mod pipe;
 mod punch;
 mod reach;
 mod skills;
+#[cfg(feature = "daemon")]
+pub mod sse;
 pub mod store;
 mod streaming;
 #[cfg(test)]

@@ -141,7 +141,13 @@ impl Registered {
     pub(crate) fn new(spec: SkillSpec, handler: Handler) -> Result<Self, ValidationError> {
         spec.validate()?;
         match (&handler, spec.mode) {
-            (Handler::Unary(_), Mode::Sync | Mode::Async) | (Handler::Stream(_), Mode::Stream) => {}
+            (Handler::Unary(_), Mode::Sync) | (Handler::Stream(_), Mode::Stream) => {}
+            (Handler::Unary(_), Mode::Async) => {
+                return Err(ValidationError::new(
+                    "mode",
+                    "async skills cannot be served yet; sync or stream",
+                ));
+            }
             (Handler::Unary(_), Mode::Stream) => {
                 return Err(ValidationError::new(
                     "mode",
@@ -199,4 +205,39 @@ pub(crate) fn specs(registry: &Registry) -> Vec<SkillSpec> {
     let mut specs: Vec<SkillSpec> = map.values().map(|r| r.spec.clone()).collect();
     specs.sort_by(|a, b| a.name.cmp(&b.name));
     specs
+}
+
+/// A stream whose chunks a task produces: the task is aborted when the stream is dropped, so
+/// whatever it holds (a child process, an HTTP response) goes with it. The channel holds one
+/// chunk: the task waits while the caller's window is full.
+pub(crate) fn task_stream<F, Fut>(produce: F) -> ChunkStream
+where
+    F: FnOnce(tokio::sync::mpsc::Sender<Result<Chunk, HandlerError>>) -> Fut,
+    Fut: Future<Output = ()> + Send + 'static,
+{
+    let (tx, rx) = tokio::sync::mpsc::channel(1);
+    let task = tokio::spawn(produce(tx));
+    Box::pin(TaskStream { rx, task })
+}
+
+struct TaskStream {
+    rx: tokio::sync::mpsc::Receiver<Result<Chunk, HandlerError>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Stream for TaskStream {
+    type Item = Result<Chunk, HandlerError>;
+
+    fn poll_next(
+        mut self: Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Self::Item>> {
+        self.rx.poll_recv(cx)
+    }
+}
+
+impl Drop for TaskStream {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
 }

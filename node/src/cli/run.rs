@@ -54,7 +54,7 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
     for decl in &config.skills {
         // Validated with the config: resolve cannot fail here.
         let (spec, backing) = decl.resolve().map_err(CliError::usage)?;
-        node.register_shared(spec, backing.handler())
+        node.register_handler(spec.clone(), backing.handler(spec.mode))
             .await
             .map_err(CliError::failure)?;
     }
