@@ -1,11 +1,14 @@
-//! `skillmesh call <skill> --args <json | @file | ->`: call a skill on the network.
+//! `skillmesh call <skill> --args <json | @file | ->`: call a skill on the network; with
+//! `--stream`, print a stream skill's chunks as they arrive.
 
-use std::io::Read;
+use std::io::{Read, Write};
 use std::time::Duration;
 
+use futures::StreamExt;
 use serde_json::{Value, json};
+use skillmesh::sse::SseParser;
 
-use super::client::Api;
+use super::client::{Api, api_error};
 use super::{CliError, Context, print_json};
 
 #[derive(clap::Args, Debug)]
@@ -21,9 +24,13 @@ pub(crate) struct Args {
     /// Versions accepted, e.g. ^1.2.
     #[arg(long)]
     version: Option<String>,
-    /// How long to wait, e.g. 30s.
+    /// How long to wait, e.g. 30s (for a stream: for it to start).
     #[arg(long, value_parser = humantime::parse_duration)]
     timeout: Option<Duration>,
+    /// Call a stream skill: print each chunk as it arrives (JSON chunks one per line, binary
+    /// chunks as raw bytes). Ctrl-C cancels the call.
+    #[arg(long)]
+    stream: bool,
 }
 
 fn read_args(spec: &str) -> Result<Value, CliError> {
@@ -53,7 +60,11 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         "peer": args.peer,
         "version": args.version,
         "timeout_ms": args.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
+        "stream": args.stream,
     });
+    if args.stream {
+        return stream(ctx, &api, body).await;
+    }
     let r: Value = api
         .send(api.request(reqwest::Method::POST, "/v1/call").json(&body))
         .await?;
@@ -66,4 +77,66 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         );
     }
     Ok(())
+}
+
+/// Prints a stream's events as they come; the call's error, if it ends with one, is the
+/// command's. Dropping the response (Ctrl-C) closes the connection, which cancels the call.
+async fn stream(ctx: &Context, api: &Api, body: Value) -> Result<(), CliError> {
+    let resp = api
+        .send_raw(api.request(reqwest::Method::POST, "/v1/call").json(&body))
+        .await?;
+    let mut bytes = resp.bytes_stream();
+    let mut parser = SseParser::new(4 * 1024 * 1024);
+    let mut out = std::io::stdout().lock();
+    let broke = |e: String| CliError::failure(format!("the stream broke: {e}"));
+    loop {
+        let next = tokio::select! {
+            b = bytes.next() => b,
+            _ = tokio::signal::ctrl_c() => return Err(CliError::failure("cancelled")),
+        };
+        let Some(b) = next else {
+            return Err(broke("the node closed it before its end".to_owned()));
+        };
+        let b = b.map_err(|e| broke(e.to_string()))?;
+        for r in parser.push(&b).map_err(broke)? {
+            let data: Value = serde_json::from_str(&r.data).unwrap_or(Value::Null);
+            match r.event.as_deref() {
+                Some("started") if ctx.json => {
+                    let _ = writeln!(out, "{}", json!({"started": data}));
+                }
+                Some("started") => eprintln!(
+                    "call {} on {}",
+                    data["call_id"].as_str().unwrap_or("?"),
+                    data["peer_id"].as_str().unwrap_or("?")
+                ),
+                Some("chunk") if ctx.json => {
+                    let _ = writeln!(out, "{}", json!({"chunk": data}));
+                }
+                Some("chunk") => {
+                    let _ = writeln!(out, "{}", serde_json::to_string(&data).unwrap_or_default());
+                }
+                Some("bytes") => {
+                    let raw = hex::decode(r.data.trim()).map_err(|e| broke(e.to_string()))?;
+                    if ctx.json {
+                        let _ = writeln!(out, "{}", json!({"bytes_hex": r.data.trim()}));
+                    } else {
+                        let _ = out.write_all(&raw);
+                    }
+                }
+                Some("end") => {
+                    if ctx.json {
+                        let _ = writeln!(out, "{}", json!({"end": data}));
+                    }
+                    let _ = out.flush();
+                    return Ok(());
+                }
+                Some("error") => {
+                    let _ = out.flush();
+                    return Err(api_error(&data));
+                }
+                _ => {}
+            }
+            let _ = out.flush();
+        }
+    }
 }

@@ -70,23 +70,28 @@ impl Api {
             return Ok(resp);
         }
         let body: Value = resp.json().await.unwrap_or_default();
-        let err = &body["error"];
-        let kind = err["kind"].as_str().unwrap_or("internal");
-        let message = err["message"].as_str().unwrap_or("no message").to_owned();
-        let code = match kind {
-            "not_found" | "unreachable" | "timeout" => EXIT_NOT_FOUND,
-            "remote" => EXIT_FAILED_CALL,
-            "invalid" => EXIT_USAGE,
-            _ => EXIT_FAILURE,
-        };
-        let text = match err["code"].as_str() {
-            Some(c) => format!("{c}: {message}"),
-            None => message,
-        };
-        Err(CliError {
-            message: text,
-            code,
-        })
+        Err(api_error(&body))
+    }
+}
+
+/// The CLI error for the API's `{"error": {"kind", "code", "message"}}`.
+pub(crate) fn api_error(body: &Value) -> CliError {
+    let err = &body["error"];
+    let kind = err["kind"].as_str().unwrap_or("internal");
+    let message = err["message"].as_str().unwrap_or("no message").to_owned();
+    let code = match kind {
+        "not_found" | "unreachable" | "timeout" => EXIT_NOT_FOUND,
+        "remote" => EXIT_FAILED_CALL,
+        "invalid" => EXIT_USAGE,
+        _ => EXIT_FAILURE,
+    };
+    let text = match err["code"].as_str() {
+        Some(c) => format!("{c}: {message}"),
+        None => message,
+    };
+    CliError {
+        message: text,
+        code,
     }
 }
 

@@ -1,6 +1,7 @@
 //! Command-line interface: global options, and one module per command.
 
 mod call;
+mod calls;
 mod client;
 mod config;
 mod events;
@@ -72,6 +73,9 @@ enum Command {
     Find(find::Args),
     /// Call a skill.
     Call(call::Args),
+    /// The call log: list, show, wait for or cancel calls.
+    #[command(subcommand)]
+    Calls(calls::Command),
     /// Send an end-to-end encrypted message (held by mailboxes while the peer is offline).
     Send(send::Args),
     /// Print received messages, in order per sender.
@@ -164,6 +168,7 @@ pub(crate) async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Skills(cmd) => skills::run(&ctx, cmd).await,
         Command::Find(args) => find::run(&ctx, args).await,
         Command::Call(args) => call::run(&ctx, args).await,
+        Command::Calls(cmd) => calls::run(&ctx, cmd).await,
         Command::Events(cmd) => events::run(&ctx, cmd).await,
         Command::Send(args) => send::run(&ctx, args).await,
         Command::Inbox(args) => inbox::run(&ctx, args).await,

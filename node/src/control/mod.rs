@@ -10,10 +10,12 @@
 //! | `POST /v1/skills` | serve a skill: a declaration with `command` or `http` (a callback URL) |
 //! | `DELETE /v1/skills/{name}` | stop serving it |
 //! | `GET /v1/find?skill=NAME` or `?tag=TAG` | agents serving it, with verified cards |
-//! | `POST /v1/call` | `{"skill", "args", "peer"?, "timeout_ms"?}`: call it (any provider if no peer) |
+//! | `POST /v1/call` | `{"skill", "args", "peer"?, "timeout_ms"?, "stream"?}`: call it (any provider if no peer); a stream as Server-Sent Events |
 //! | `POST /v1/events?topic=T` | publish the JSON body on topic T |
 //! | `GET /v1/events?topic=T` | the topic's events as Server-Sent Events |
 //! | `GET /v1/calls?limit=N` | the call log, newest first |
+//! | `GET /v1/calls/{id}?wait=30s` | one call, both sides, with its history (waiting for it to end) |
+//! | `POST /v1/calls/{id}/cancel`, `DELETE /v1/calls/{id}` | cancel our call |
 //! | `GET /metrics` | Prometheus metrics |
 //!
 //! Errors are `{"error": {"kind", "code"?, "message"}}` with a matching HTTP status.
@@ -38,11 +40,13 @@ use serde::{Deserialize, Serialize};
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
+mod calls;
+
 use crate::backing::SkillDecl;
 use crate::discovery::Found;
 use crate::error::Error;
 use crate::mail::Delivery;
-use crate::node::{CallOptions, Node};
+use crate::node::Node;
 
 /// File in the data dir holding the API's address while a node runs.
 pub const API_ADDR_FILE: &str = "api.addr";
@@ -102,10 +106,16 @@ impl From<Error> for ApiError {
     }
 }
 
+impl ApiError {
+    /// `{"error": {"kind", "code", "message"}}`.
+    fn body(&self) -> Value {
+        json!({"error": {"kind": self.kind, "code": self.code, "message": self.message}})
+    }
+}
+
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
-        let body =
-            json!({"error": {"kind": self.kind, "code": self.code, "message": self.message}});
+        let body = self.body();
         (self.status, Json(body)).into_response()
     }
 }
@@ -168,9 +178,11 @@ impl ControlApi {
             .route("/v1/skills", get(list_skills).post(add_skill))
             .route("/v1/skills/{name}", delete(remove_skill))
             .route("/v1/find", get(find))
-            .route("/v1/call", post(call))
+            .route("/v1/call", post(calls::call))
             .route("/v1/events", post(publish).get(subscribe))
-            .route("/v1/calls", get(calls))
+            .route("/v1/calls", get(calls::list))
+            .route("/v1/calls/{id}", get(calls::show).delete(calls::cancel))
+            .route("/v1/calls/{id}/cancel", post(calls::cancel))
             .route("/v1/send", post(send))
             .route("/v1/inbox", get(inbox))
             .route("/metrics", get(metrics))
@@ -476,61 +488,6 @@ async fn find(
 }
 
 #[derive(Deserialize)]
-#[serde(deny_unknown_fields)]
-struct CallRequest {
-    skill: String,
-    #[serde(default)]
-    args: Value,
-    peer: Option<String>,
-    timeout_ms: Option<u64>,
-    version: Option<String>,
-}
-
-async fn call(
-    State(s): State<AppState>,
-    Json(req): Json<CallRequest>,
-) -> Result<Json<Value>, ApiError> {
-    let bad = |m: String| ApiError::new(StatusCode::BAD_REQUEST, "invalid", m);
-    let options = CallOptions {
-        version_req: match &req.version {
-            Some(v) => v.parse().map_err(|e| bad(format!("version {v:?}: {e}")))?,
-            None => semver::VersionReq::STAR,
-        },
-        timeout: req.timeout_ms.map(Duration::from_millis),
-        grant: None,
-    };
-    let peers: Vec<PeerId> = match &req.peer {
-        Some(p) => vec![p.parse().map_err(|e| bad(format!("peer {p:?}: {e}")))?],
-        None => s
-            .node
-            .find_skill(&req.skill)
-            .await?
-            .into_iter()
-            .map(|f| f.peer)
-            .collect(),
-    };
-    // Without a peer, try providers in turn; a refusal by the callee is final, an unreachable
-    // provider is not.
-    let mut last = None;
-    for peer in peers {
-        match s
-            .node
-            .call_with(peer, &req.skill, req.args.clone(), options.clone())
-            .await
-        {
-            Ok(output) => return Ok(Json(json!({"peer_id": peer.to_string(), "output": output}))),
-            Err(e @ (Error::Unreachable { .. } | Error::Timeout(_))) if req.peer.is_none() => {
-                last = Some(e)
-            }
-            Err(e) => return Err(e.into()),
-        }
-    }
-    Err(last
-        .unwrap_or_else(|| Error::NotFound(format!("skill {}", req.skill)))
-        .into())
-}
-
-#[derive(Deserialize)]
 struct TopicQuery {
     topic: String,
 }
@@ -572,37 +529,6 @@ async fn subscribe(
         Ok(SseEvent::default().json_data(out).unwrap_or_default())
     });
     Ok(Sse::new(stream).keep_alive(KeepAlive::default()))
-}
-
-#[derive(Deserialize)]
-struct LimitQuery {
-    limit: Option<usize>,
-}
-
-async fn calls(
-    State(s): State<AppState>,
-    UrlQuery(q): UrlQuery<LimitQuery>,
-) -> Result<Json<Value>, ApiError> {
-    let entries = s.node.recent_calls(q.limit.unwrap_or(50).min(1000)).await?;
-    Ok(Json(
-        serde_json::to_value(
-            entries
-                .iter()
-                .map(|e| {
-                    json!({
-                        "call_id": e.call_id.to_string(),
-                        "direction": e.direction,
-                        "peer_id": e.peer.to_string(),
-                        "skill": e.skill,
-                        "state": e.state,
-                        "error": e.error.map(|c| c.name()),
-                        "started_at": e.started_at.as_millis(),
-                    })
-                })
-                .collect::<Vec<_>>(),
-        )
-        .unwrap_or_default(),
-    ))
 }
 
 async fn metrics(State(s): State<AppState>) -> impl IntoResponse {
