@@ -45,6 +45,8 @@ fn a_stream_skill_prints_its_chunks_and_a_cancel_stops_its_command() {
     let config = format!(
         "{BASE}[[skills]]\nname = \"ticks\"\nversion = \"1.0.0\"\nmode = \"stream\"\n\
          command = [\"sh\", \"-c\", \"for i in 1 2 3; do echo \\\"{{\\\\\\\"i\\\\\\\": $i}}\\\"; done\"]\n\n\
+         [[skills]]\nname = \"later\"\nversion = \"1.0.0\"\nmode = \"async\"\n\
+         command = [\"sh\", \"-c\", \"sleep 0.3; cat\"]\n\n\
          [[skills]]\nname = \"forever\"\nversion = \"1.0.0\"\nmode = \"stream\"\ntimeout = \"120s\"\n\
          command = [\"sh\", \"-c\", \"echo $$ > {pids}/$SKILLMESH_CALL_ID; while :; do echo 1; sleep 0.1; done\"]\n"
     );
@@ -160,6 +162,16 @@ fn a_stream_skill_prints_its_chunks_and_a_cancel_stops_its_command() {
     until(Duration::from_secs(7), "the command is gone", || {
         pid_gone(&work.path().join(&id))
     });
+    // Async: the id at once, the result through `calls wait`.
+    let o = b.cli(&["call", "later", "--async", "--args", r#"{"x":1}"#]);
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
+    assert_eq!(id.len(), 32, "a call id: {id}");
+    let waited = json_out(&b.cli(&["--json", "calls", "wait", &id, "--timeout", "20s"]));
+    assert_eq!(waited["sides"][0]["state"], "completed");
+    assert_eq!(waited["sides"][0]["output"], serde_json::json!({"x": 1}));
+    assert_eq!(waited["sides"][0]["mode"], "async");
+
     // A call id that is not ours: a clear error.
     let o = b.cli(&["calls", "cancel", "00000000000000000000000000000000"]);
     assert_eq!(o.status.code(), Some(4));

@@ -64,6 +64,8 @@
 
 mod access;
 mod addrs;
+mod async_calls;
+mod async_client;
 mod background;
 pub mod backing;
 mod behaviour;

@@ -19,6 +19,7 @@ use skillmesh_protocol::{
 use tokio::sync::{mpsc, oneshot, watch};
 use tokio::task::JoinHandle;
 
+use crate::async_calls::AsyncCalls;
 use crate::behaviour::{TransportKind, build_swarm};
 use crate::call_log::CallLog;
 use crate::calls::{Inbound, final_state, peek, read_result};
@@ -33,7 +34,7 @@ use crate::mail::{Inbox, Message, Messenger, SendReport};
 use crate::metrics::{Metrics, NodeMetrics};
 use crate::pipe::{self, Activity, Pipes, Request, ServeLimits};
 use crate::skills::{Handler, Registered, Registry, SkillHandler, StreamHandler};
-use crate::store::{CallLogEntry, CallState, Direction, STORE_FILE, Store};
+use crate::store::{CallLogEntry, CallState, Direction, KeepResults, STORE_FILE, Store};
 
 /// How long `build` waits for a first connection when bootstrap peers are configured.
 const BOOTSTRAP_WAIT: Duration = Duration::from_secs(10);
@@ -121,12 +122,22 @@ impl NodeBuilder {
         let signing = identity.signing_key().clone();
         let log = CallLog::start(store.clone());
         let metrics = Metrics::new();
+        let async_calls = AsyncCalls::new(
+            signing.clone(),
+            store.clone(),
+            log.clone(),
+            KeepResults {
+                count: config.calls.keep_results,
+                max_age: config.calls.keep_results_for,
+            },
+        );
         let inbound = Arc::new(Inbound::new(
             signing.clone(),
             registry.clone(),
             &config.calls,
             log.clone(),
             metrics.node.clone(),
+            async_calls.clone(),
         ));
         let config = Arc::new(config);
         let (tx, rx) = mpsc::channel(COMMAND_BUFFER);
@@ -161,6 +172,7 @@ impl NodeBuilder {
             store.clone(),
             config.clone(),
             tx.downgrade(),
+            async_calls.clone(),
         )
         .await?;
         let mail = MailService::start(
@@ -206,8 +218,11 @@ impl NodeBuilder {
                 fetcher: Mutex::new(Some(fetcher)),
                 task: Mutex::new(Some(task)),
                 outbound: Mutex::default(),
+                async_calls: async_calls.clone(),
             }),
         };
+        // Calls a previous run accepted and never finished: their callers hear "interrupted".
+        tokio::spawn(async_calls.recover());
         let listening = node.request(|reply| Command::ListenAddrs { reply });
         tokio::time::timeout(Duration::from_secs(5), listening)
             .await
@@ -294,6 +309,7 @@ struct Inner {
     messenger: Arc<Messenger>,
     fetcher: Mutex<Option<JoinHandle<()>>>,
     task: Mutex<Option<JoinHandle<()>>>,
+    async_calls: Arc<AsyncCalls>,
     /// Our calls under way that take longer than one answer (streams), by id: what
     /// [`Node::cancel_call`] finds before the call log has them.
     outbound: Mutex<HashMap<CallId, PeerId>>,
@@ -367,6 +383,10 @@ impl Node {
 
     pub(crate) fn log(&self) -> &CallLog {
         &self.inner.log
+    }
+
+    pub(crate) fn async_calls(&self) -> &Arc<AsyncCalls> {
+        &self.inner.async_calls
     }
 
     /// The callee of our call `id`, while it is under way.
@@ -689,7 +709,7 @@ impl Node {
             .await
     }
 
-    async fn send_call(
+    pub(crate) async fn send_call(
         &self,
         peer: PeerId,
         request: Request,
@@ -819,6 +839,7 @@ impl Node {
     /// the call log is flushed. Once it returns and the last handle is dropped, the data dir can
     /// be opened again.
     pub async fn shutdown(&self) -> Result<()> {
+        self.inner.inbound.stop();
         let fetcher = self
             .inner
             .fetcher

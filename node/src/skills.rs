@@ -141,13 +141,7 @@ impl Registered {
     pub(crate) fn new(spec: SkillSpec, handler: Handler) -> Result<Self, ValidationError> {
         spec.validate()?;
         match (&handler, spec.mode) {
-            (Handler::Unary(_), Mode::Sync) | (Handler::Stream(_), Mode::Stream) => {}
-            (Handler::Unary(_), Mode::Async) => {
-                return Err(ValidationError::new(
-                    "mode",
-                    "async skills cannot be served yet; sync or stream",
-                ));
-            }
+            (Handler::Unary(_), Mode::Sync | Mode::Async) | (Handler::Stream(_), Mode::Stream) => {}
             (Handler::Unary(_), Mode::Stream) => {
                 return Err(ValidationError::new(
                     "mode",

@@ -276,14 +276,21 @@ impl Node {
     pub async fn cancel_call(&self, id: CallId) -> Result<()> {
         let peer = match self.outbound_peer(id) {
             Some(p) => p,
-            None => self
-                .store()
-                .call_entry(id, Direction::Outbound)
-                .await?
-                .map(|e| e.peer)
-                .ok_or_else(|| Error::NotFound(format!("no call {id} of ours")))?,
+            None => self.logged_peer(id).await?,
         };
         self.cancel_call_at(peer, id).await
+    }
+
+    /// The callee of our logged call `id`. A call made a moment ago may still be on its way to
+    /// the log (its writer batches for 50 ms): one not found is looked for again, for a second.
+    async fn logged_peer(&self, id: CallId) -> Result<PeerId> {
+        for _ in 0..20 {
+            if let Some(e) = self.store().call_entry(id, Direction::Outbound).await? {
+                return Ok(e.peer);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        Err(Error::NotFound(format!("no call {id} of ours")))
     }
 
     /// Asks `peer` to stop call `id`: it does only if the call is ours. `access_denied` comes

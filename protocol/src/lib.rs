@@ -72,8 +72,8 @@ pub use grant::Grant;
 pub use keys::MeshName;
 pub use limits::*;
 pub use mailbox::{
-    Ack, CipherKind, Deposit, Fetch, MailboxErrorCode, MailboxRequest, MailboxResponse,
-    SealedMessage,
+    Ack, CipherKind, ControlMessage, Deposit, Fetch, MailboxErrorCode, MailboxRequest,
+    MailboxResponse, SealedMessage,
 };
 pub use skill::{
     Mode, Schema, ShareMode, SkillLimits, SkillName, SkillSpec, SkillSpecBuilder, Tag,

@@ -195,3 +195,11 @@ pub enum MailboxErrorCode {
     /// The relay failed to store or read.
     Internal,
 }
+
+/// The plaintext of a control message: a sealed message with `seq` 0, which a node handles
+/// itself instead of putting in the application's inbox (README.md §6).
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ControlMessage {
+    /// The callee's signed `call-result` for an async call of the recipient.
+    pub call_result: Option<ByteBuf>,
+}

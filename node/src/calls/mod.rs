@@ -20,6 +20,7 @@ use skillmesh_protocol::{
 use tokio::sync::{OwnedSemaphorePermit, Semaphore, mpsc};
 
 use crate::access::{PeerSlot, PeerSlots, RateLimiter, ReplayCache, replay_horizon};
+use crate::async_calls::AsyncCalls;
 use crate::call_log::CallLog;
 use crate::config::CallsConfig;
 use crate::metrics::NodeMetrics;
@@ -53,6 +54,10 @@ pub(crate) struct Inbound {
     log: CallLog,
     metrics: NodeMetrics,
     running: Arc<Running>,
+    async_calls: Arc<AsyncCalls>,
+    /// Cancelled when the node stops: async calls still running are dropped, left open in the
+    /// store for the next start to report as interrupted.
+    stopping: tokio_util::sync::CancellationToken,
 }
 
 impl Inbound {
@@ -62,6 +67,7 @@ impl Inbound {
         config: &CallsConfig,
         log: CallLog,
         metrics: NodeMetrics,
+        async_calls: Arc<AsyncCalls>,
     ) -> Self {
         Inbound {
             me: signing.peer_id(),
@@ -79,12 +85,14 @@ impl Inbound {
             log,
             metrics,
             running: Arc::default(),
+            async_calls,
+            stopping: Default::default(),
         }
     }
 
     /// Checks and runs one sync call from `peer` that takes no pipe (one to ourselves);
     /// returns the result envelope, signed alone.
-    pub(crate) async fn handle(&self, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
+    pub(crate) async fn handle(self: &Arc<Self>, peer: PeerId, request: Vec<u8>) -> Vec<u8> {
         let call = envelope::open::<Call>(&request, &self.checks(peer)).map(|o| o.value);
         let (tx, mut rx) = mpsc::channel(1);
         let reply = Replier::local(tx);
@@ -93,6 +101,13 @@ impl Inbound {
             Some(Reply::Result(Some(u))) => u.sign(&self.signing),
             _ => Vec::new(),
         }
+    }
+
+    /// The node stops: async calls running are dropped (they stay open in the store), and
+    /// results waiting to be delivered again are left.
+    pub(crate) fn stop(&self) {
+        self.stopping.cancel();
+        self.async_calls.stop();
     }
 
     /// The key our results are signed with.
@@ -126,7 +141,7 @@ impl Inbound {
     /// its mode, and answers through `reply` (a result for its pipe's writer to sign with the
     /// others that finish beside it, or a stream's chunks). Returns when the call is over.
     pub(crate) async fn serve(
-        &self,
+        self: &Arc<Self>,
         peer: PeerId,
         request: &[u8],
         call: Result<Call, EnvelopeError>,
@@ -162,6 +177,12 @@ impl Inbound {
                             .unwrap_or(MessageId([0; 32]));
                         self.run_stream(admitted, h, call_msg, &reply).await
                     }
+                    Handler::Unary(h) if admitted.ctx_mode == Mode::Async => match entry.take() {
+                        Some(e) => self.start_async(admitted, h, e, &reply).await,
+                        None => {
+                            Outcome::Failed(CallError::new(ErrorCode::BadRequest, "no skill name"))
+                        }
+                    },
                     Handler::Unary(h) => match self.run_unary(admitted, h).await {
                         Ok(out) => Outcome::Output(out),
                         Err(e) => Outcome::Failed(e),
@@ -190,8 +211,8 @@ impl Inbound {
             run_ms,
         };
         let result = match outcome {
-            // Its last chunk went out already.
-            Outcome::Streamed(_) => return,
+            // Its last chunk went out already; an accepted async call answered and runs on.
+            Outcome::Streamed(_) | Outcome::Accepted => return,
             Outcome::Output(out) => CallResult {
                 call_id,
                 callee: self.me,
@@ -390,6 +411,7 @@ impl Inbound {
             cancel: run.token().clone(),
         };
         Ok(Admitted {
+            ctx_mode: call.mode,
             ctx,
             args,
             timeout,
@@ -397,6 +419,57 @@ impl Inbound {
             _slots: (global, peer_slot, skill_slot),
             run,
         })
+    }
+
+    /// Accepts an async call: notes it durably, answers "accepted", and runs it in a task of its
+    /// own that keeps, logs and delivers its result.
+    async fn start_async(
+        self: &Arc<Self>,
+        admitted: Admitted,
+        handler: Arc<dyn SkillHandler>,
+        mut entry: CallLogEntry,
+        reply: &Replier,
+    ) -> Outcome {
+        let (id, caller) = (admitted.ctx.call_id, admitted.ctx.caller);
+        if let Err(e) = self
+            .async_calls
+            .accepted(id, caller, admitted.ctx.skill.clone())
+            .await
+        {
+            tracing::warn!(%caller, call = %id, "async call not noted: {e}");
+            return Outcome::Failed(CallError::new(ErrorCode::Internal, "cannot keep the call"));
+        }
+        let accepted = CallResult {
+            call_id: id,
+            callee: self.me,
+            caller,
+            status: CallStatus::Accepted,
+            output: None,
+            error: None,
+            timings: Timings::default(),
+        };
+        reply
+            .result(envelope::prepare(&self.signing, &accepted).ok())
+            .await;
+        self.log.record(entry.clone());
+        let this = self.clone();
+        tokio::spawn(async move {
+            let started = Instant::now();
+            let outcome = tokio::select! {
+                _ = this.stopping.cancelled() => return,
+                outcome = this.run_unary(admitted, handler) => outcome,
+            };
+            let timings = Timings {
+                queued_ms: 0,
+                run_ms: u32::try_from(started.elapsed().as_millis()).unwrap_or(u32::MAX),
+            };
+            entry.error = outcome.as_ref().err().map(|e| e.code);
+            entry.enter(final_state(outcome.as_ref().err()), Timestamp::now());
+            this.log.record(entry);
+            let result = this.async_calls.seal(caller, id, outcome, timings);
+            this.async_calls.clone().finished(caller, id, result).await;
+        });
+        Outcome::Accepted
     }
 
     /// Runs a sync (or async) call's handler until it answers, the deadline passes, or the
@@ -415,16 +488,24 @@ impl Inbound {
             ..
         } = admitted;
         let token = run.token().clone();
+        // A handler that notices the cancel and answers is still a cancelled call.
         let output = tokio::select! {
+            biased;
+            _ = token.cancelled() => {
+                return Err(CallError::new(ErrorCode::Cancelled, "cancelled by the caller"));
+            }
             r = tokio::time::timeout(timeout, handler.call(ctx, args)) => r
                 .map_err(|_| {
                     token.cancel();
                     CallError::new(ErrorCode::Timeout, format!("no result within {timeout:?}"))
                 })?
-                .map_err(|e| CallError::new(ErrorCode::HandlerFailed, e.message))?,
-            _ = token.cancelled() => {
-                return Err(CallError::new(ErrorCode::Cancelled, "cancelled by the caller"));
-            }
+                .map_err(|e| {
+                    if token.is_cancelled() {
+                        CallError::new(ErrorCode::Cancelled, "cancelled by the caller")
+                    } else {
+                        CallError::new(ErrorCode::HandlerFailed, e.message)
+                    }
+                })?,
         };
         if let Some(schema) = &skill.output
             && let Err(e) = schema.validate(&output)
@@ -558,6 +639,8 @@ enum Outcome {
     Output(Vec<u8>),
     /// A stream ended; its last chunk (with the error, if any) is sent.
     Streamed(Option<CallError>),
+    /// An async call was accepted; it runs on and logs its own end.
+    Accepted,
 }
 
 impl Outcome {
@@ -565,13 +648,14 @@ impl Outcome {
         match self {
             Outcome::Rejected(e) | Outcome::Failed(e) => Some(e),
             Outcome::Streamed(e) => e.as_ref(),
-            Outcome::Output(_) => None,
+            Outcome::Output(_) | Outcome::Accepted => None,
         }
     }
 
     fn state(&self) -> CallState {
         match self {
             Outcome::Rejected(_) => CallState::Rejected,
+            Outcome::Accepted => CallState::Working,
             other => match other.error() {
                 None => CallState::Completed,
                 Some(e) if e.code == ErrorCode::Cancelled => CallState::Canceled,
@@ -583,6 +667,7 @@ impl Outcome {
 
 /// A call that passed its checks, holding its slots and its place among the running calls.
 struct Admitted {
+    ctx_mode: Mode,
     ctx: CallContext,
     args: Value,
     timeout: Duration,

@@ -29,8 +29,12 @@ pub(crate) struct Args {
     timeout: Option<Duration>,
     /// Call a stream skill: print each chunk as it arrives (JSON chunks one per line, binary
     /// chunks as raw bytes). Ctrl-C cancels the call.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "async_")]
     stream: bool,
+    /// Call an async skill: print the call's id once it is accepted; follow it with
+    /// `calls wait ID`, `calls show ID` or `calls cancel ID`.
+    #[arg(long = "async", id = "async_")]
+    async_: bool,
 }
 
 fn read_args(spec: &str) -> Result<Value, CliError> {
@@ -61,6 +65,7 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         "version": args.version,
         "timeout_ms": args.timeout.map(|t| u64::try_from(t.as_millis()).unwrap_or(u64::MAX)),
         "stream": args.stream,
+        "async": args.async_,
     });
     if args.stream {
         return stream(ctx, &api, body).await;
@@ -70,6 +75,8 @@ pub(crate) async fn run(ctx: &Context, args: Args) -> Result<(), CliError> {
         .await?;
     if ctx.json {
         print_json(&r);
+    } else if args.async_ {
+        println!("{}", r["call_id"].as_str().unwrap_or_default());
     } else {
         println!(
             "{}",

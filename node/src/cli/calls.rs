@@ -123,6 +123,15 @@ fn show(ctx: &Context, r: &Value) {
     }
     for side in r["sides"].as_array().into_iter().flatten() {
         println!("{}", line(side));
+        if let Some(out) = side.get("output") {
+            println!(
+                "    output: {}",
+                serde_json::to_string(out).unwrap_or_default()
+            );
+        }
+        if let Some(m) = side["message"].as_str() {
+            println!("    message: {m}");
+        }
         let t0 = side["started_at"].as_u64().unwrap_or(0);
         for t in side["history"].as_array().into_iter().flatten() {
             let at = t["at"].as_u64().unwrap_or(0);

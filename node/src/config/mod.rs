@@ -312,6 +312,12 @@ pub struct CallsConfig {
     /// Clock difference tolerated in a call's time window.
     #[serde(with = "humantime_serde")]
     pub max_skew: Duration,
+    /// Finished async calls whose results are kept (both sides, for `calls show` and for a
+    /// caller that asks again); the oldest go first.
+    pub keep_results: u64,
+    /// How long a finished async call's result is kept at most.
+    #[serde(with = "humantime_serde")]
+    pub keep_results_for: Duration,
 }
 
 impl Default for CallsConfig {
@@ -323,6 +329,8 @@ impl Default for CallsConfig {
             burst_per_peer: 200,
             timeout: Duration::from_secs(30),
             max_skew: skillmesh_protocol::MAX_CLOCK_SKEW,
+            keep_results: 1000,
+            keep_results_for: Duration::from_secs(7 * 24 * 3600),
         }
     }
 }

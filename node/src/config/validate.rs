@@ -109,6 +109,12 @@ impl Config {
 
         let c = &self.calls;
         at_least("calls.max_inbound", c.max_inbound, 1)?;
+        at_least("calls.keep_results", c.keep_results, 1)?;
+        duration_at_least(
+            "calls.keep_results_for",
+            c.keep_results_for,
+            Duration::from_secs(1),
+        )?;
         at_least("calls.max_inbound_per_peer", c.max_inbound_per_peer, 1)?;
         at_least("calls.rate_per_peer", c.rate_per_peer, 1)?;
         if c.burst_per_peer < c.rate_per_peer {

@@ -39,6 +39,9 @@ pub(super) struct CallRequest {
     /// Answer as Server-Sent Events, a chunk per event (stream skills).
     #[serde(default)]
     stream: bool,
+    /// Answer at once with the call's id (async skills); the result comes later.
+    #[serde(default, rename = "async")]
+    is_async: bool,
 }
 
 fn bad(m: String) -> ApiError {
@@ -82,7 +85,15 @@ pub(super) async fn call(
     // provider is not.
     let mut last = None;
     for peer in peers {
-        let result = if req.stream {
+        let result = if req.is_async {
+            s.node
+                .call_async(peer, &req.skill, req.args.clone(), options.clone())
+                .await
+                .map(|id| {
+                    Json(json!({"call_id": id.to_string(), "peer_id": peer.to_string(), "state": "working"}))
+                        .into_response()
+                })
+        } else if req.stream {
             let options = StreamOptions {
                 call: options.clone(),
                 keep_transcript: false,
@@ -240,10 +251,25 @@ pub(super) async fn show(
             if entries.is_empty() {
                 return Err(Error::NotFound(format!("no call {id} in the call log")).into());
             }
+            let mut sides = Vec::new();
+            for e in &entries {
+                let mut j = entry_json(e);
+                // An async call's kept result: its output, or its error.
+                if let Some(r) = s.node.kept_result(id, e.direction).await? {
+                    match crate::async_client::output(r) {
+                        Ok(out) => j["output"] = out,
+                        Err(Error::Remote(err)) => {
+                            j["message"] = Value::String(err.message);
+                        }
+                        Err(other) => j["message"] = Value::String(other.to_string()),
+                    }
+                }
+                sides.push(j);
+            }
             return Ok(Json(json!({
                 "call_id": id.to_string(),
                 "over": !running && !pending,
-                "sides": entries.iter().map(entry_json).collect::<Vec<_>>(),
+                "sides": sides,
             })));
         }
         tokio::time::sleep(WAIT_POLL).await;

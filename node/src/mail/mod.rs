@@ -26,9 +26,9 @@ use serde_bytes::ByteBuf;
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::keys::mailbox_key;
 use skillmesh_protocol::{
-    AgentCard, Deposit, Fetch, MAX_CIPHERTEXT_BYTES, MAX_FETCH_BATCH, MailboxErrorCode,
-    MailboxRequest, MailboxResponse, MessageId, PrekeyBundle, SealedMessage, SigningKey, Timestamp,
-    from_cbor, to_cbor,
+    AgentCard, ControlMessage, Deposit, Fetch, MAX_CIPHERTEXT_BYTES, MAX_FETCH_BATCH,
+    MailboxErrorCode, MailboxRequest, MailboxResponse, MessageId, PrekeyBundle, SealedMessage,
+    SigningKey, Timestamp, from_cbor, to_cbor,
 };
 use tokio::sync::{Notify, mpsc, oneshot};
 
@@ -93,6 +93,8 @@ pub(crate) enum ReceiveError {
     Crypto(#[from] CryptoError),
     #[error(transparent)]
     Store(#[from] crate::store::StoreError),
+    #[error("control message refused: {0}")]
+    Control(String),
 }
 
 struct State {
@@ -115,6 +117,8 @@ pub(crate) struct Messenger {
     arrived: Notify,
     /// Wakes the fetcher (a connection to a mailbox, or a request).
     fetch_now: Notify,
+    /// Where control messages (async call results) go.
+    calls: Arc<crate::async_calls::AsyncCalls>,
     /// Mailbox searches are a DHT walk each: a node searches again when its choice is old or a
     /// mailbox failed, not on every fetch (a 200-node netsim run, every node fetching each 5 s,
     /// spent most of its dials on them).
@@ -129,6 +133,7 @@ impl Messenger {
         store: Store,
         config: Arc<Config>,
         commands: mpsc::WeakSender<Command>,
+        calls: Arc<crate::async_calls::AsyncCalls>,
     ) -> Result<(Arc<Self>, PrekeyBundle)> {
         let saved = store.olm_state().await?;
         let (crypto, save) = Crypto::load(&saved, olm::pickle_key(identity_secret))
@@ -151,8 +156,10 @@ impl Messenger {
             mailboxes: Mutex::new(Vec::new()),
             arrived: Notify::new(),
             fetch_now: Notify::new(),
+            calls,
             search: Mutex::default(),
         });
+        messenger.calls.set_messenger(&messenger);
         Ok((messenger, bundle))
     }
 
@@ -207,7 +214,8 @@ impl Messenger {
         }
     }
 
-    /// Encrypts and signs message `seq` for `peer`, persisting the ratchet first.
+    /// Encrypts and signs message `seq` for `peer` (0: a control message), persisting the
+    /// ratchet first.
     async fn seal(
         &self,
         state: &mut State,
@@ -217,6 +225,11 @@ impl Messenger {
         one_time: bool,
         data: &[u8],
     ) -> Result<(Vec<u8>, MessageId, Option<String>)> {
+        // A control message is outside the application's sequence: the counter stays.
+        let counter = match seq {
+            0 => state.out_seq.get(&peer).copied().unwrap_or(0),
+            n => n,
+        };
         let (sealed, evicted) =
             state
                 .crypto
@@ -231,7 +244,9 @@ impl Messenger {
         let session_id = sealed
             .unconfirmed_one_time
             .then(|| sealed.session.id.clone());
-        self.store.save_outbound(peer, seq, sealed.session).await?;
+        self.store
+            .save_outbound(peer, counter, sealed.session)
+            .await?;
         let message = SealedMessage {
             sender: self.me,
             recipient: peer,
@@ -247,6 +262,16 @@ impl Messenger {
 
     /// Sends `data` to `peer`: directly when it answers, else to its mailboxes.
     pub(crate) async fn send(&self, peer: PeerId, data: &[u8]) -> Result<SendReport> {
+        self.send_on(peer, data, false).await
+    }
+
+    /// Sends a control message ([`ControlMessage`], CBOR) to `peer`, as [`Messenger::send`]
+    /// does; it goes to the node, not to the application's inbox.
+    pub(crate) async fn send_control(&self, peer: PeerId, data: &[u8]) -> Result<SendReport> {
+        self.send_on(peer, data, true).await
+    }
+
+    async fn send_on(&self, peer: PeerId, data: &[u8], control: bool) -> Result<SendReport> {
         if data.len() > MAX_MESSAGE_BYTES {
             return Err(Error::Invalid(skillmesh_protocol::ValidationError::new(
                 "data",
@@ -275,8 +300,13 @@ impl Messenger {
                     "no card with prekeys for {peer} in the DHT; it must have been online once"
                 )));
             }
-            let seq = state.out_seq.get(&peer).copied().unwrap_or(0) + 1;
-            state.out_seq.insert(peer, seq);
+            let seq = if control {
+                0
+            } else {
+                let seq = state.out_seq.get(&peer).copied().unwrap_or(0) + 1;
+                state.out_seq.insert(peer, seq);
+                seq
+            };
             let (bytes, id, fresh) = self
                 .seal(&mut state, peer, seq, bundle.as_ref(), true, data)
                 .await?;
@@ -439,6 +469,9 @@ impl Messenger {
         if m.recipient != self.me {
             return Err(ReceiveError::NotForMe(m.recipient));
         }
+        if m.seq == 0 {
+            return self.accept_control(opened.id, m).await;
+        }
         let mut state = self.state.lock().await;
         // Checked before decrypting: a message key works once, and a full inbox must leave the
         // ratchet untouched so the message can be fetched again later.
@@ -487,6 +520,50 @@ impl Messenger {
             self.arrived.notify_waiters();
         }
         Ok((opened.id, accepted))
+    }
+
+    /// A control message: decrypted (a second copy of one fails here: its message key is
+    /// spent), checked, and kept with the ratchet's new state in one transaction.
+    async fn accept_control(
+        &self,
+        id: MessageId,
+        m: SealedMessage,
+    ) -> Result<(MessageId, Accepted), ReceiveError> {
+        let mut state = self.state.lock().await;
+        let (plain, evicted) = state.crypto.decrypt(m.sender, m.cipher, &m.ciphertext)?;
+        if !evicted.is_empty() {
+            self.store.remove_sessions(evicted).await?;
+        }
+        let control: ControlMessage = from_cbor(&plain.plaintext, MAX_CIPHERTEXT_BYTES)
+            .map_err(|e| ReceiveError::Control(format!("not a control message: {e}")))?;
+        let bytes = control.call_result.ok_or_else(|| {
+            ReceiveError::Control("a control message with nothing in it".to_owned())
+        })?;
+        let result = self
+            .calls
+            .check(m.sender, &bytes)
+            .map_err(ReceiveError::Control)?;
+        let record = crate::store::AsyncRecord {
+            peer: m.sender,
+            stored_at: Timestamp::now(),
+            result: bytes,
+        };
+        let fresh = self
+            .store
+            .accept_call_result(
+                plain.session,
+                plain.account,
+                result.call_id,
+                record,
+                self.calls.keep(),
+            )
+            .await?;
+        drop(state);
+        if !fresh {
+            return Ok((id, Accepted::Duplicate));
+        }
+        self.calls.arrived(m.sender, &result).await;
+        Ok((id, Accepted::Stored))
     }
 
     /// Chooses this node's mailboxes: the configured ones, else mailbox relays from the DHT.

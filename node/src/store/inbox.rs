@@ -87,7 +87,7 @@ fn inbox_key(sender: &PeerId, seq: u64) -> Vec<u8> {
     k
 }
 
-fn put_olm(
+pub(super) fn put_olm(
     tx: &redb::WriteTransaction,
     session: Option<&SessionRow>,
     account: Option<&[u8]>,

@@ -58,9 +58,12 @@ type IndexKey = [u8; 17];
 /// the log's commits, which at 64 calls in flight were the node's largest cost.
 type CallIndex = Arc<Mutex<HashMap<IndexKey, LogKey>>>;
 
+mod async_calls;
 mod calls;
 mod inbox;
 mod mailbox;
+use async_calls::{ASYNC_OPEN, ASYNC_RESULTS};
+pub use async_calls::{AsyncRecord, KeepResults, OpenCall};
 use calls::load_call_index;
 pub use calls::{CallLogEntry, CallState, Direction};
 pub(crate) use inbox::OlmState;
@@ -278,6 +281,8 @@ impl Store {
             tx.open_table(OUT_SEQ)?;
             tx.open_table(INBOX)?;
             tx.open_table(INBOX_MARK)?;
+            tx.open_table(ASYNC_OPEN)?;
+            tx.open_table(ASYNC_RESULTS)?;
         }
         tx.commit()?;
         Ok(db)

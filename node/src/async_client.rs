@@ -1,0 +1,140 @@
+//! Async calls, the caller's side: [`Node::call_async`] returns once the callee accepted the
+//! call; the result comes later, even across a restart of either side (see `async_calls.rs`).
+
+use std::time::Duration;
+
+use libp2p::PeerId;
+use serde_bytes::ByteBuf;
+use serde_json::Value;
+use skillmesh_protocol::envelope;
+use skillmesh_protocol::{
+    Call, CallError, CallId, CallResult, CallStatus, ErrorCode, MAX_CALL_ARGS_BYTES,
+    MAX_CALL_WINDOW, MAX_OUTPUT_BYTES, Mode, SkillName, Timestamp, ValidationError, from_cbor,
+    to_cbor,
+};
+
+use crate::calls::final_state;
+use crate::error::{Error, Result};
+use crate::node::{CallOptions, Node};
+use crate::pipe::Request;
+use crate::store::{CallLogEntry, CallState, Direction};
+
+impl Node {
+    /// Calls an async skill on `peer`: returns the call's id once the callee has accepted it.
+    /// Follow it with [`Node::call_result`], [`Node::wait_call`] or [`Node::cancel_call`].
+    pub async fn call_async(
+        &self,
+        peer: PeerId,
+        skill: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<CallId> {
+        let timeout = options
+            .timeout
+            .unwrap_or(self.config().calls.timeout)
+            .min(MAX_CALL_WINDOW);
+        let args = to_cbor(&args);
+        if args.len() > MAX_CALL_ARGS_BYTES {
+            return Err(Error::Invalid(ValidationError::new(
+                "args",
+                format!("{} bytes, at most {MAX_CALL_ARGS_BYTES}", args.len()),
+            )));
+        }
+        let now = Timestamp::now();
+        let call = Call {
+            call_id: CallId(rand::random()),
+            caller: self.peer_id(),
+            target: peer,
+            skill: SkillName::new(skill)?,
+            version_req: options.version_req,
+            args: ByteBuf::from(args),
+            issued_at: now,
+            expires_at: now.saturating_add(timeout),
+            mode: Mode::Async,
+            grant: options.grant.map(ByteBuf::from),
+        };
+        let mut entry = CallLogEntry::new(
+            call.call_id,
+            Direction::Outbound,
+            peer,
+            call.skill.clone(),
+            Mode::Async,
+            CallState::Submitted,
+        );
+        let request = Request::Unsigned(envelope::prepare(self.signing(), &call)?);
+        let answer = self.send_call(peer, request, call.call_id, timeout).await;
+        let outcome = match answer {
+            Ok(r) if r.status == CallStatus::Accepted => Ok(()),
+            Ok(r) => Err(Error::Remote(r.error.unwrap_or_else(|| {
+                CallError::new(
+                    ErrorCode::Internal,
+                    "an async call answered without acceptance",
+                )
+            }))),
+            Err(e) => Err(e),
+        };
+        match &outcome {
+            Ok(()) => entry.enter(CallState::Working, Timestamp::now()),
+            Err(Error::Remote(e)) => {
+                entry.error = Some(e.code);
+                entry.enter(final_state(Some(e)), Timestamp::now());
+            }
+            Err(_) => {
+                entry.error = Some(ErrorCode::Internal);
+                entry.enter(CallState::Failed, Timestamp::now());
+            }
+        }
+        self.log().record(entry);
+        outcome.map(|()| call.call_id)
+    }
+
+    /// The callee's signed result of our async call `id`, if it has come.
+    pub async fn call_result(&self, id: CallId) -> Result<Option<CallResult>> {
+        self.async_calls().result(id).await
+    }
+
+    /// The kept result of async call `id` on `direction`'s side (ours or one we ran).
+    pub(crate) async fn kept_result(
+        &self,
+        id: CallId,
+        direction: Direction,
+    ) -> Result<Option<CallResult>> {
+        let Some(record) = self.store().async_result(id, direction).await? else {
+            return Ok(None);
+        };
+        let callee = match direction {
+            Direction::Outbound => record.peer,
+            Direction::Inbound => self.peer_id(),
+        };
+        envelope::open::<CallResult>(
+            &record.result,
+            &skillmesh_protocol::Checks::now().signed_by(callee),
+        )
+        .map(|o| Some(o.value))
+        .map_err(Error::from)
+    }
+
+    /// Waits up to `timeout` for the result of our async call `id`: its output, or the
+    /// callee's error (`cancelled`, `interrupted`, ...).
+    pub async fn wait_call(&self, id: CallId, timeout: Duration) -> Result<Value> {
+        let r = self.async_calls().wait(id, timeout).await?;
+        output(r)
+    }
+}
+
+/// A final result's output, or its error.
+pub(crate) fn output(r: CallResult) -> Result<Value> {
+    match (r.status, r.output, r.error) {
+        (CallStatus::Completed, Some(out), _) => {
+            from_cbor(&out, MAX_OUTPUT_BYTES).map_err(|e| Error::BadResponse {
+                peer: Box::new(r.callee),
+                reason: format!("output is not JSON-like CBOR: {e}"),
+            })
+        }
+        (_, _, Some(e)) => Err(Error::Remote(e)),
+        (status, _, None) => Err(Error::BadResponse {
+            peer: Box::new(r.callee),
+            reason: format!("a {status:?} result without an error"),
+        }),
+    }
+}
