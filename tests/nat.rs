@@ -40,6 +40,32 @@ async fn an_undialable_node_is_reached_through_its_relay() {
         )
         .await
         .expect("register");
+    hidden
+        .register_skill(
+            skillmesh_protocol::SkillSpec::builder("later", "1.0.0")
+                .mode(skillmesh_protocol::Mode::Async)
+                .build()
+                .expect("spec"),
+            echo,
+        )
+        .await
+        .expect("register");
+    hidden
+        .register_stream(
+            skillmesh_protocol::SkillSpec::builder("count", "1.0.0")
+                .mode(skillmesh_protocol::Mode::Stream)
+                .build()
+                .expect("spec"),
+            |_ctx: skillmesh::CallContext, _args: serde_json::Value| {
+                futures::stream::iter(
+                    (0..50).map(|i| {
+                        Ok::<_, skillmesh::HandlerError>(skillmesh::Chunk::Json(json!(i)))
+                    }),
+                )
+            },
+        )
+        .await
+        .expect("register");
     let status = eventually(Duration::from_secs(10), || async {
         let s = hidden.nat_status().await.map_err(|e| e.to_string())?;
         if s.reservations
@@ -77,6 +103,33 @@ async fn an_undialable_node_is_reached_through_its_relay() {
             .any(|c| c.peer == hidden.peer_id() && c.relayed),
         "{s:?}"
     );
+
+    // A stream and an async call through the circuit.
+    let chunks: Vec<_> = caller
+        .call_stream(hidden.peer_id(), "count", json!({}))
+        .await
+        .expect("stream through the relay")
+        .map(|c| match c.expect("chunk") {
+            skillmesh::Chunk::Json(v) => v,
+            other => panic!("{other:?}"),
+        })
+        .collect()
+        .await;
+    assert_eq!(chunks, (0..50).map(|i| json!(i)).collect::<Vec<_>>());
+    let id = caller
+        .call_async(
+            hidden.peer_id(),
+            "later",
+            json!({"via": "relay"}),
+            Default::default(),
+        )
+        .await
+        .expect("accepted through the relay");
+    let out = caller
+        .wait_call(id, Duration::from_secs(15))
+        .await
+        .expect("async result");
+    assert_eq!(out, json!({"via": "relay"}));
 
     // Mail through the relay circuit too, directly to the recipient.
     let report = caller
