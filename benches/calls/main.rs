@@ -3,7 +3,7 @@
 //! ```sh
 //! cargo bench --bench calls            # full run
 //! cargo bench --bench calls -- --quick # fewer samples
-//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, verify, mail, startup, rss
+//! cargo bench --bench calls -- --only sequential   # one group: sequential, in-flight, cold, stream, async, verify, mail, startup, rss
 //! cargo bench --bench calls -- --only cold --net tcp       # and the call groups over one transport
 //! cargo bench --bench calls -- --only rss --daemon target/dist/skillmesh   # another build's RSS
 //! ```
@@ -484,13 +484,15 @@ async fn cold(net: Net, n: usize, rows: &mut Vec<Row>) {
 }
 
 mod node_costs;
+mod streams;
 use node_costs::{idle_rss, mailbox, startup, verify};
 
 #[tokio::main(flavor = "multi_thread")]
 async fn main() {
     let args: Vec<String> = std::env::args().collect();
     let quick = args.iter().any(|a| a == "--quick");
-    // `--only NAME` runs one group: sequential, in-flight, cold, verify, mail, startup, rss.
+    // `--only NAME` runs one group: sequential, in-flight, cold, stream, async, verify, mail,
+    // startup, rss.
     let only = args
         .iter()
         .position(|a| a == "--only")
@@ -534,6 +536,13 @@ async fn main() {
         if run("cold") {
             cold(net, cold_n, &mut rows).await;
         }
+        if run("stream") {
+            streams::first_chunk(net, seq, &mut rows).await;
+            streams::throughput(net, if quick { 2 } else { 5 }, &mut rows).await;
+        }
+    }
+    if run("async") {
+        streams::async_in_flight(1000, &mut rows).await;
     }
     if run("verify") {
         verify(if quick { 2_000 } else { 20_000 }, &mut rows);

@@ -35,6 +35,8 @@ const CANCEL_TIMEOUT: Duration = Duration::from_secs(10);
 /// Dropping it before the end cancels the call.
 pub struct CallStream {
     call_id: CallId,
+    /// The first chunk, handed over without a trip through the pump.
+    first: Option<Chunk>,
     rx: mpsc::Receiver<Result<Chunk>>,
     receipt: Arc<Mutex<Option<Receipt>>>,
 }
@@ -66,6 +68,9 @@ impl Stream for CallStream {
     type Item = Result<Chunk>;
 
     fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if let Some(c) = self.first.take() {
+            return Poll::Ready(Some(Ok(c)));
+        }
         self.rx.poll_recv(cx)
     }
 }
@@ -263,9 +268,14 @@ impl Node {
         };
         pump.entry.enter(CallState::Working, Timestamp::now());
         self.log().record(pump.entry.clone());
-        tokio::spawn(pump.run(source, first));
+        let (first, next) = match first {
+            Step::Chunk(c) => (Some(c), None),
+            last @ Step::Last(_) => (None, Some(last)),
+        };
+        tokio::spawn(pump.run(source, next, u32::from(first.is_some())));
         Ok(CallStream {
             call_id: call.call_id,
+            first,
             rx,
             receipt,
         })
@@ -356,9 +366,11 @@ enum Step {
 }
 
 impl Pump {
-    async fn run(mut self, mut source: Source, first: Step) {
-        let mut next = Some(Ok(first));
-        let mut taken = 0u32;
+    /// Runs from the next frame (or `first`, a last chunk already read); `taken` chunks were
+    /// handed to the application already.
+    async fn run(mut self, mut source: Source, first: Option<Step>, taken: u32) {
+        let mut next = first.map(Ok);
+        let mut taken = taken;
         let end: std::result::Result<(), Error> = loop {
             let step = match next.take() {
                 Some(s) => s,

@@ -391,6 +391,13 @@ async fn write_frames<W: AsyncWrite + Unpin>(
                 }
                 buf.clear();
             }
+            // A large frame (a stream chunk) goes out as it is, not copied into the batch.
+            if f.len() >= WRITE_BATCH {
+                if io.write_all(&f).await.is_err() {
+                    return;
+                }
+                continue;
+            }
             buf.extend_from_slice(&f);
         }
         if io.write_all(&buf).await.is_err() || io.flush().await.is_err() {
