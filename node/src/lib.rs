@@ -10,16 +10,18 @@
 //!
 //! A [`Node`] is a cheap, cloneable handle to one event loop that owns the libp2p swarm. Build
 //! it from a [`config::Config`]; serve skills with [`Node::register_skill`]; find them with
-//! [`Node::find_skill`] or [`Node::find_tag`]; call them with [`Node::call`]; use gossip with
+//! [`Node::find_skill`] or [`Node::find_tag`]; call them with [`Node::call`] (and
+//! [`Node::call_stream`], [`Node::call_async`]: docs/calls.md in the repository); use gossip with
 //! [`Node::subscribe`] and [`Node::publish`]; see who is online with [`Node::peers`].
 //!
 //! ```
 //! # #[tokio::main(flavor = "multi_thread")]
 //! # async fn main() -> anyhow::Result<()> {
+//! use futures::StreamExt;
 //! use serde_json::{json, Value};
 //! use skillmesh::config::Config;
-//! use skillmesh::protocol::{ShareMode, SkillSpec};
-//! use skillmesh::{CallContext, HandlerError, Node};
+//! use skillmesh::protocol::{Mode, ShareMode, SkillSpec};
+//! use skillmesh::{CallContext, Chunk, HandlerError, Node};
 //!
 //! // Loopback only, no mDNS: two agents in one process.
 //! let local = |bootstrap| {
@@ -50,6 +52,22 @@
 //! };
 //! let out = bob.call(found[0].peer, "shout", json!({"text": "hi"})).await?;
 //! assert_eq!(out, json!("HI"));
+//!
+//! // A stream skill: chunks go out as they are produced, under the reader's pace, and the
+//! // caller reads them as a `Stream` (dropping it cancels the call on alice).
+//! let spec = SkillSpec::builder("count", "1.0.0").mode(Mode::Stream).build()?;
+//! alice
+//!     .register_stream(spec, |_ctx: CallContext, args: Value| {
+//!         let n = args["n"].as_u64().unwrap_or(0);
+//!         futures::stream::iter((0..n).map(|i| Ok::<_, HandlerError>(Chunk::Json(json!(i)))))
+//!     })
+//!     .await?;
+//! let mut chunks = bob.call_stream(alice.peer_id(), "count", json!({"n": 3})).await?;
+//! let mut got = Vec::new();
+//! while let Some(chunk) = chunks.next().await {
+//!     got.push(chunk?);
+//! }
+//! assert_eq!(got, [0, 1, 2].map(|i| Chunk::Json(json!(i))));
 //!
 //! bob.shutdown().await?;
 //! alice.shutdown().await?;

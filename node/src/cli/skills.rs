@@ -37,6 +37,10 @@ pub(crate) struct AddArgs {
     /// Who may call: public, mesh, grants, private.
     #[arg(long, default_value = "public", value_parser = parse_share)]
     share: ShareMode,
+    /// sync (one result), stream (a command prints one JSON value per line; an endpoint
+    /// answers NDJSON or SSE) or async (accepted at once, the result delivered later).
+    #[arg(long, default_value = "sync", value_parser = parse_mode)]
+    mode: Mode,
     /// JSON Schema of the arguments (JSON text).
     #[arg(long)]
     input_schema: Option<String>,
@@ -49,6 +53,10 @@ pub(crate) struct AddArgs {
     /// The command to run per call (arguments JSON on stdin, result JSON on stdout).
     #[arg(last = true)]
     command: Vec<String>,
+}
+
+fn parse_mode(s: &str) -> Result<Mode, String> {
+    serde_json::from_value(json!(s)).map_err(|_| format!("{s:?}: expected sync, stream or async"))
 }
 
 fn parse_share(s: &str) -> Result<ShareMode, String> {
@@ -95,7 +103,7 @@ pub(crate) async fn run(ctx: &Context, cmd: Command) -> Result<(), CliError> {
                 "name": a.name,
                 "version": a.version,
                 "description": a.description,
-                "mode": Mode::Sync,
+                "mode": a.mode,
                 "share": a.share,
                 "tags": a.tags,
                 "input_schema": input_schema,
