@@ -429,3 +429,79 @@ async fn call_log_updates_in_place_after_a_reopen_and_keeps_its_order() {
         ]
     );
 }
+
+#[tokio::test]
+async fn async_results_are_kept_once_bounded_and_redelivered_until_taken() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let store = open(&dir, StoreLimits::default()).await;
+    let keep = KeepResults {
+        count: 3,
+        max_age: Duration::from_secs(3600),
+    };
+    let peer = PeerId::random();
+    let record = |i: u8| AsyncRecord {
+        peer,
+        stored_at: Timestamp::now(),
+        result: ByteBuf::from(vec![i]),
+        delivered: false,
+    };
+    // An open call, taken (once) at the next start.
+    let open_call = OpenCall {
+        caller: peer,
+        skill: SkillName::new("slow").expect("name"),
+        accepted_at: Timestamp::now(),
+    };
+    store
+        .open_async(CallId([9; 16]), open_call.clone())
+        .await
+        .expect("open");
+    assert_eq!(
+        store.take_open_async().await.expect("take"),
+        vec![(CallId([9; 16]), open_call)]
+    );
+    assert!(store.take_open_async().await.expect("take").is_empty());
+
+    for i in 0..5u8 {
+        let fresh = store
+            .put_async_result(CallId([i; 16]), Direction::Inbound, record(i), keep)
+            .await
+            .expect("put");
+        assert!(fresh);
+    }
+    // A second copy of a result is not kept again.
+    assert!(
+        !store
+            .put_async_result(CallId([4; 16]), Direction::Inbound, record(4), keep)
+            .await
+            .expect("put")
+    );
+    // At most three, the newest.
+    assert!(
+        store
+            .async_result(CallId([0; 16]), Direction::Inbound)
+            .await
+            .expect("get")
+            .is_none()
+    );
+    assert!(
+        store
+            .async_result(CallId([4; 16]), Direction::Inbound)
+            .await
+            .expect("get")
+            .is_some()
+    );
+    let waiting = store.undelivered_async().await.expect("undelivered");
+    assert_eq!(waiting.len(), 3);
+    store
+        .async_delivered(CallId([3; 16]))
+        .await
+        .expect("delivered");
+    let waiting: Vec<CallId> = store
+        .undelivered_async()
+        .await
+        .expect("undelivered")
+        .into_iter()
+        .map(|(id, _)| id)
+        .collect();
+    assert_eq!(waiting, vec![CallId([2; 16]), CallId([4; 16])]);
+}

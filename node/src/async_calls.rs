@@ -93,6 +93,7 @@ impl AsyncCalls {
             peer: caller,
             stored_at: Timestamp::now(),
             result: ByteBuf::from(result.clone()),
+            delivered: false,
         };
         if let Err(e) = self
             .store
@@ -120,6 +121,9 @@ impl AsyncCalls {
             match sent {
                 Ok(report) => {
                     tracing::debug!(%caller, call = %id, delivery = ?report.delivery, "async result delivered");
+                    if let Err(e) = self.store.async_delivered(id).await {
+                        tracing::debug!(call = %id, "delivery not noted: {e}");
+                    }
                     return;
                 }
                 Err(Error::ShutDown) => return,
@@ -140,8 +144,21 @@ impl AsyncCalls {
     }
 
     /// At start: every async call a previous run accepted and never finished failed,
-    /// `interrupted`; its caller is told.
+    /// `interrupted`, and its caller is told; results a previous run kept but could not
+    /// deliver go out again.
     pub(crate) async fn recover(self: Arc<Self>) {
+        match self.store.undelivered_async().await {
+            Ok(waiting) => {
+                for (id, record) in waiting {
+                    let this = self.clone();
+                    tokio::spawn(async move {
+                        this.deliver(record.peer, id, record.result.into_vec())
+                            .await;
+                    });
+                }
+            }
+            Err(e) => tracing::warn!("undelivered async results not read: {e}"),
+        }
         let open = match self.store.take_open_async().await {
             Ok(open) => open,
             Err(e) => {
@@ -258,7 +275,7 @@ impl AsyncCalls {
             let notified = self.arrived.notified();
             tokio::pin!(notified);
             notified.as_mut().enable();
-            if let Some(r) = self.result(id).await? {
+            if let Some(r) = self.result(id, Direction::Outbound).await? {
                 return Ok(r);
             }
             if tokio::time::timeout_at(until, notified).await.is_err() {
@@ -267,12 +284,21 @@ impl AsyncCalls {
         }
     }
 
-    /// The kept result of our async call `id`, if it came.
-    pub(crate) async fn result(&self, id: CallId) -> Result<Option<CallResult>> {
-        let Some(record) = self.store.async_result(id, Direction::Outbound).await? else {
+    /// The kept result of async call `id` on `direction`'s side: ours (signed by the callee),
+    /// or one we ran (signed by us).
+    pub(crate) async fn result(
+        &self,
+        id: CallId,
+        direction: Direction,
+    ) -> Result<Option<CallResult>> {
+        let Some(record) = self.store.async_result(id, direction).await? else {
             return Ok(None);
         };
-        envelope::open::<CallResult>(&record.result, &Checks::now().signed_by(record.peer))
+        let callee = match direction {
+            Direction::Outbound => record.peer,
+            Direction::Inbound => self.me,
+        };
+        envelope::open::<CallResult>(&record.result, &Checks::now().signed_by(callee))
             .map(|o| Some(o.value))
             .map_err(Error::from)
     }

@@ -88,30 +88,23 @@ impl Node {
         outcome.map(|()| call.call_id)
     }
 
-    /// The callee's signed result of our async call `id`, if it has come.
-    pub async fn call_result(&self, id: CallId) -> Result<Option<CallResult>> {
-        self.async_calls().result(id).await
+    /// Our call `id` as the call log has it: its state, and when it entered each.
+    pub async fn call_state(&self, id: CallId) -> Result<Option<CallLogEntry>> {
+        Ok(self.store().call_entry(id, Direction::Outbound).await?)
     }
 
-    /// The kept result of async call `id` on `direction`'s side (ours or one we ran).
-    pub(crate) async fn kept_result(
+    /// The callee's signed result of our async call `id`, if it has come.
+    pub async fn call_result(&self, id: CallId) -> Result<Option<CallResult>> {
+        self.kept_result(id, Direction::Outbound).await
+    }
+
+    /// The kept result of async call `id` on `direction`'s side: ours, or one we ran.
+    pub async fn kept_result(
         &self,
         id: CallId,
         direction: Direction,
     ) -> Result<Option<CallResult>> {
-        let Some(record) = self.store().async_result(id, direction).await? else {
-            return Ok(None);
-        };
-        let callee = match direction {
-            Direction::Outbound => record.peer,
-            Direction::Inbound => self.peer_id(),
-        };
-        envelope::open::<CallResult>(
-            &record.result,
-            &skillmesh_protocol::Checks::now().signed_by(callee),
-        )
-        .map(|o| Some(o.value))
-        .map_err(Error::from)
+        self.async_calls().result(id, direction).await
     }
 
     /// Waits up to `timeout` for the result of our async call `id`: its output, or the

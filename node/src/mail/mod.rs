@@ -547,6 +547,7 @@ impl Messenger {
             peer: m.sender,
             stored_at: Timestamp::now(),
             result: bytes,
+            delivered: true,
         };
         let fresh = self
             .store

@@ -166,11 +166,12 @@ async fn serve_pipe(
                         Some(u) => Out::Sign(f.tag, u),
                         None => Out::Frame(frame(f.tag, ENVELOPE, &[])),
                     };
-                    // Never waits on the read loop's behalf: the writer's queue may be full.
-                    let tx = frames_tx.clone();
-                    tokio::spawn(async move {
-                        let _ = tx.send(out).await;
-                    });
+                    // Never waits on the read loop's behalf, nor piles up answers for a peer
+                    // that does not read them: with the writer's queue full, this answer is
+                    // dropped, and the caller's cancel times out (it may send it again).
+                    if frames_tx.try_send(out).is_err() {
+                        tracing::debug!(%peer, "cancel answer dropped: the pipe's writer is full");
+                    }
                 }
                 (ENVELOPE, _) => calls.push(f),
                 (ty, _) => {

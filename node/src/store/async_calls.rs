@@ -30,6 +30,9 @@ pub struct AsyncRecord {
     pub stored_at: Timestamp,
     /// The callee's signed `call-result` envelope.
     pub result: ByteBuf,
+    /// (Callee's side) the caller, or one of its mailboxes, took it.
+    #[serde(default)]
+    pub delivered: bool,
 }
 
 /// How many finished results are kept, and for how long.
@@ -124,6 +127,50 @@ impl Store {
             let fresh = write_result(&tx, id, Direction::Outbound, &record, keep)?;
             tx.commit()?;
             Ok(fresh)
+        })
+        .await
+    }
+
+    /// Marks the result of async call `id`, run here, as delivered.
+    pub async fn async_delivered(&self, id: CallId) -> Result<(), StoreError> {
+        self.run(move |db, _| {
+            let tx = db.begin_write()?;
+            {
+                let mut t = tx.open_table(ASYNC_RESULTS)?;
+                let key = result_key(&id, Direction::Inbound);
+                let record: Option<AsyncRecord> = t
+                    .get(key.as_slice())?
+                    .map(|v| decode("async_results", v.value()))
+                    .transpose()?;
+                if let Some(mut r) = record {
+                    r.delivered = true;
+                    t.insert(key.as_slice(), to_cbor(&r).as_slice())?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+        .await
+    }
+
+    /// Results of async calls run here that no one took yet (a node stopped while it tried).
+    pub async fn undelivered_async(&self) -> Result<Vec<(CallId, AsyncRecord)>, StoreError> {
+        self.run(move |db, _| {
+            let tx = db.begin_read()?;
+            let t = tx.open_table(ASYNC_RESULTS)?;
+            let mut out = Vec::new();
+            for row in t.iter()? {
+                let (k, v) = row?;
+                let k = k.value();
+                if k.get(16) != Some(&1) {
+                    continue;
+                }
+                let r: AsyncRecord = decode("async_results", v.value())?;
+                if let (false, Ok(id)) = (r.delivered, <[u8; 16]>::try_from(&k[..16])) {
+                    out.push((CallId(id), r));
+                }
+            }
+            Ok(out)
         })
         .await
     }
