@@ -230,4 +230,9 @@ async fn a_callee_restart_reports_interrupted_and_a_cancel_stops_the_call() {
             .expect("result"),
         json!({"done": 10})
     );
+    // A result faster than the call log's writer still ends the call's entry.
+    assert_eq!(
+        entry(&caller, id, Direction::Outbound).await.state,
+        CallState::Completed
+    );
 }

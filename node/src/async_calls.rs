@@ -250,22 +250,27 @@ impl AsyncCalls {
         self.keep
     }
 
-    /// A checked result was kept: log the call's end and wake its waiters.
+    /// A checked result was kept: wake its waiters, and log the call's end. A result that
+    /// came within moments of the call may be ahead of the call's own entry (the log's writer
+    /// batches for 50 ms): the entry is looked for again, for a second.
     pub(crate) async fn arrived(&self, from: PeerId, result: &CallResult) {
-        let state = final_state(result.error.as_ref());
-        // An entry pruned from the log stays pruned: the kept result still says what it was.
-        if let Ok(Some(mut entry)) = self
-            .store
-            .call_entry(result.call_id, Direction::Outbound)
-            .await
-        {
-            entry.error = result.error.as_ref().map(|e| e.code);
-            entry.enter(state, Timestamp::now());
-            self.log.record(entry);
-        } else {
-            tracing::debug!(%from, call = %result.call_id, "async result for a call not in the log");
-        }
         self.arrived.notify_waiters();
+        let state = final_state(result.error.as_ref());
+        for _ in 0..20 {
+            if let Ok(Some(mut entry)) = self
+                .store
+                .call_entry(result.call_id, Direction::Outbound)
+                .await
+            {
+                entry.error = result.error.as_ref().map(|e| e.code);
+                entry.enter(state, Timestamp::now());
+                self.log.record(entry);
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Pruned from the log (or never logged): the kept result still says what it was.
+        tracing::debug!(%from, call = %result.call_id, "async result for a call not in the log");
     }
 
     /// The result of our async call `id`, waiting up to `timeout` for it.

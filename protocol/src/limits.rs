@@ -102,8 +102,11 @@ pub const MAX_GRANT_LIFETIME: Duration = Duration::from_secs(366 * 24 * 3600);
 pub const MAX_CALL_WINDOW: Duration = Duration::from_secs(5 * 60);
 /// Clock difference tolerated between caller and callee.
 pub const MAX_CLOCK_SKEW: Duration = Duration::from_secs(60);
-/// A skill's handler timeout; it must fit in a call's window.
+/// A sync skill's handler timeout; it must fit in a call's window.
 pub const MAX_SKILL_TIMEOUT: Duration = MAX_CALL_WINDOW;
+/// A stream or async skill's timeout: such a call only has to arrive within its window, and
+/// then runs (a research skill, a long generation) for up to this long.
+pub const MAX_LONG_SKILL_TIMEOUT: Duration = Duration::from_secs(24 * 3600);
 /// Concurrent calls one skill may declare.
 pub const MAX_SKILL_CONCURRENCY: u16 = 1024;
 /// An error message in a call result; longer messages are cut.

@@ -230,15 +230,18 @@ impl SkillLimits {
         Duration::from_millis(u64::from(self.timeout_ms))
     }
 
-    fn validate(&self) -> Result<(), ValidationError> {
-        if self.timeout_ms == 0 || Duration::from_millis(self.timeout_ms.into()) > MAX_SKILL_TIMEOUT
-        {
+    fn validate(&self, mode: Mode) -> Result<(), ValidationError> {
+        let max = match mode {
+            Mode::Sync => MAX_SKILL_TIMEOUT,
+            Mode::Stream | Mode::Async => MAX_LONG_SKILL_TIMEOUT,
+        };
+        if self.timeout_ms == 0 || Duration::from_millis(self.timeout_ms.into()) > max {
             return Err(ValidationError::new(
                 "limits.timeout_ms",
                 format!(
-                    "{} must be 1 to {}",
+                    "{} must be 1 to {} for a {mode} skill",
                     self.timeout_ms,
-                    MAX_SKILL_TIMEOUT.as_millis()
+                    max.as_millis()
                 ),
             ));
         }
@@ -332,7 +335,7 @@ impl SkillSpec {
                 ));
             }
         }
-        self.limits.validate()
+        self.limits.validate(self.mode)
     }
 
     /// The same spec with inline schemas replaced by their hashes, to fit in a card.

@@ -68,6 +68,20 @@ fn builder_names_the_bad_field() {
         err(SkillSpec::builder("ok", "1.0.0").timeout(MAX_SKILL_TIMEOUT + Duration::from_secs(1))),
         "limits.timeout_ms"
     );
+    // Stream and async skills may run for up to a day; a sync one fits a call's window.
+    for mode in [Mode::Stream, Mode::Async] {
+        let long = SkillSpec::builder("ok", "1.0.0")
+            .mode(mode)
+            .timeout(MAX_LONG_SKILL_TIMEOUT)
+            .build();
+        assert!(long.is_ok(), "{mode}: {long:?}");
+        assert_eq!(
+            err(SkillSpec::builder("ok", "1.0.0")
+                .mode(mode)
+                .timeout(MAX_LONG_SKILL_TIMEOUT + Duration::from_secs(1))),
+            "limits.timeout_ms"
+        );
+    }
     assert_eq!(
         err(SkillSpec::builder("ok", "1.0.0").max_concurrency(0)),
         "limits.max_concurrency"

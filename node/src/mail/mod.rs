@@ -563,7 +563,8 @@ impl Messenger {
         if !fresh {
             return Ok((id, Accepted::Duplicate));
         }
-        self.calls.arrived(m.sender, &result).await;
+        let (calls, from) = (self.calls.clone(), m.sender);
+        tokio::spawn(async move { calls.arrived(from, &result).await });
         Ok((id, Accepted::Stored))
     }
 
