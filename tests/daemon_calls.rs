@@ -167,6 +167,9 @@ fn a_stream_skill_prints_its_chunks_and_a_cancel_stops_its_command() {
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
     let id = String::from_utf8_lossy(&o.stdout).trim().to_owned();
     assert_eq!(id.len(), 32, "a call id: {id}");
+    // Found at once by another process: the call is logged before its id is printed.
+    let shown = json_out(&b.cli(&["--json", "calls", "show", &id]));
+    assert_eq!(shown["sides"][0]["mode"], "async");
     let waited = json_out(&b.cli(&["--json", "calls", "wait", &id, "--timeout", "20s"]));
     assert_eq!(waited["sides"][0]["state"], "completed");
     assert_eq!(waited["sides"][0]["output"], serde_json::json!({"x": 1}));

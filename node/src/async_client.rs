@@ -84,7 +84,12 @@ impl Node {
                 entry.enter(CallState::Failed, Timestamp::now());
             }
         }
-        self.log().record(entry);
+        // Written before the id is returned: whoever holds the id (another process, or this
+        // one after a restart) finds the call in the log.
+        if let Err(e) = self.store().log_calls(vec![entry.clone()], true).await {
+            tracing::warn!(call = %call.call_id, "async call not logged: {e}");
+            self.log().record(entry);
+        }
         outcome.map(|()| call.call_id)
     }
 

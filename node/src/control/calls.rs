@@ -228,7 +228,7 @@ pub(super) async fn show(
     let until = start + wait;
     // A call that just ended may still be on its way to the log (the writer batches): one not
     // found is looked for a little while before it is reported missing.
-    let unknown_after = start + wait.min(Duration::from_secs(2));
+    let unknown_after = start + wait.clamp(Duration::from_secs(1), Duration::from_secs(2));
     loop {
         let mut entries = Vec::new();
         for dir in [Direction::Outbound, Direction::Inbound] {
