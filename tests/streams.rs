@@ -245,6 +245,20 @@ async fn dropping_a_stream_or_a_call_cancels_it_and_only_the_caller_may_cancel()
         other => panic!("a stranger's cancel: {other:?}"),
     }
     assert!(stream.next().await.expect("still running").is_ok());
+    // Nor flood the callee with cancels: they count against its call rate (200 at once).
+    let mut limited = 0;
+    for _ in 0..300 {
+        if let Err(Error::Remote(e)) = stranger.cancel_call_at(callee.peer_id(), id).await
+            && e.code == ErrorCode::RateLimited
+        {
+            limited += 1;
+        }
+    }
+    assert!(
+        limited > 0,
+        "300 cancels at once, none refused for their rate"
+    );
+    assert!(stream.next().await.expect("still running").is_ok());
     drop(stream);
     eventually(Duration::from_secs(5), || async {
         stopped

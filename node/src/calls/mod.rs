@@ -253,23 +253,38 @@ impl Inbound {
     /// the call is stopping (`cancelled`), or why not (`access_denied` for anyone but its
     /// caller, `unknown_call`).
     pub(crate) fn cancel(&self, peer: PeerId, request: &[u8]) -> Option<Unsigned> {
-        let opened = envelope::open::<Cancel>(request, &self.checks(peer)).map(|o| o.value);
-        let (call_id, error) = match opened {
-            Err(e) => (CallId([0; 16]), refusal(e)),
-            Ok(c) if c.target != self.me => (
-                c.call_id,
-                CallError::new(ErrorCode::WrongTarget, format!("this is {}", self.me)),
-            ),
-            Ok(c) => match self.running.cancel(c.call_id, peer) {
-                Ok(running::Cancelled::Stopping) => (
-                    c.call_id,
-                    CallError::new(ErrorCode::Cancelled, "cancelled by the caller"),
+        // A cancel costs a signature check: it counts against the peer's call rate, and one
+        // over it is refused before that check.
+        let allowed = {
+            let mut rate = self.rate.lock().unwrap_or_else(|e| e.into_inner());
+            rate.allow(peer, Instant::now())
+        };
+        let (call_id, error) = if !allowed {
+            (
+                peek_cancel(request),
+                CallError::new(
+                    ErrorCode::RateLimited,
+                    "too many calls and cancels; slow down",
                 ),
-                Err(e) => {
-                    tracing::debug!(%peer, call = %c.call_id, "cancel refused: {e}");
-                    (c.call_id, e)
-                }
-            },
+            )
+        } else {
+            match envelope::open::<Cancel>(request, &self.checks(peer)).map(|o| o.value) {
+                Err(e) => (CallId([0; 16]), refusal(e)),
+                Ok(c) if c.target != self.me => (
+                    c.call_id,
+                    CallError::new(ErrorCode::WrongTarget, format!("this is {}", self.me)),
+                ),
+                Ok(c) => match self.running.cancel(c.call_id, peer) {
+                    Ok(running::Cancelled::Stopping) => (
+                        c.call_id,
+                        CallError::new(ErrorCode::Cancelled, "cancelled by the caller"),
+                    ),
+                    Err(e) => {
+                        tracing::debug!(%peer, call = %c.call_id, "cancel refused: {e}");
+                        (c.call_id, e)
+                    }
+                },
+            }
         };
         let result = CallResult {
             call_id,
@@ -579,6 +594,18 @@ fn refusal(e: EnvelopeError) -> CallError {
         _ => ErrorCode::BadRequest,
     };
     CallError::new(code, e.to_string())
+}
+
+/// The call id a cancel names, read without trusting it, so that a refusal names it too.
+fn peek_cancel(request: &[u8]) -> CallId {
+    #[derive(serde::Deserialize)]
+    struct Peek {
+        call_id: CallId,
+    }
+    envelope::peek_payload(request)
+        .filter(|(kind, _)| *kind == Kind::Cancel)
+        .and_then(|(_, payload)| from_cbor::<Peek>(payload, Kind::Cancel.max_payload()).ok())
+        .map_or(CallId([0; 16]), |p| p.call_id)
 }
 
 /// The call id (and skill) of a request, read without trusting them, so that even a refusal
