@@ -428,17 +428,27 @@ impl Messenger {
         .ok()
         .transpose()?
         .flatten();
-        if let Some((card, bytes)) = found {
-            remember_card(&self.commands()?, &self.store, &card, bytes).await;
-            return Ok(Some(card));
+        if let Some((card, bytes)) = &found {
+            remember_card(&self.commands()?, &self.store, card, bytes.clone()).await;
         }
-        let Some(stored) = self.store.card(peer, Timestamp::now()).await? else {
-            return Ok(None);
+        let stored = self
+            .store
+            .card(peer, Timestamp::now())
+            .await?
+            .and_then(|stored| {
+                envelope::open::<AgentCard>(&stored.envelope, &Checks::now())
+                    .ok()
+                    .map(|o| o.value)
+                    .filter(|c| c.peer_id == peer)
+            });
+        // A DHT lookup may answer with an older card than one we hold (a node that missed the
+        // newer record): the newest wins, or mail goes to mailboxes the peer has left, or to
+        // none ("its card names no mailbox" while the newer card names two).
+        let card = match (found, stored) {
+            (Some((found, _)), Some(stored)) if stored.seq > found.seq => Some(stored),
+            (Some((found, _)), _) => return Ok(Some(found)),
+            (None, stored) => stored,
         };
-        let card = envelope::open::<AgentCard>(&stored.envelope, &Checks::now())
-            .ok()
-            .map(|o| o.value)
-            .filter(|c| c.peer_id == peer);
         if let Some(c) = &card {
             self.commands()?
                 .send(Command::AddAddresses {
