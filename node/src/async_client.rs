@@ -4,13 +4,11 @@
 use std::time::Duration;
 
 use libp2p::PeerId;
-use serde_bytes::ByteBuf;
 use serde_json::Value;
 use skillmesh_protocol::envelope;
 use skillmesh_protocol::{
-    Call, CallError, CallId, CallResult, CallStatus, ErrorCode, MAX_CALL_ARGS_BYTES,
-    MAX_CALL_WINDOW, MAX_OUTPUT_BYTES, Mode, SkillName, Timestamp, ValidationError, from_cbor,
-    to_cbor,
+    CallError, CallId, CallResult, CallStatus, ErrorCode, MAX_OUTPUT_BYTES, Mode, Timestamp,
+    from_cbor,
 };
 
 use crate::calls::final_state;
@@ -29,30 +27,7 @@ impl Node {
         args: Value,
         options: CallOptions,
     ) -> Result<CallId> {
-        let timeout = options
-            .timeout
-            .unwrap_or(self.config().calls.timeout)
-            .min(MAX_CALL_WINDOW);
-        let args = to_cbor(&args);
-        if args.len() > MAX_CALL_ARGS_BYTES {
-            return Err(Error::Invalid(ValidationError::new(
-                "args",
-                format!("{} bytes, at most {MAX_CALL_ARGS_BYTES}", args.len()),
-            )));
-        }
-        let now = Timestamp::now();
-        let call = Call {
-            call_id: CallId(rand::random()),
-            caller: self.peer_id(),
-            target: peer,
-            skill: SkillName::new(skill)?,
-            version_req: options.version_req,
-            args: ByteBuf::from(args),
-            issued_at: now,
-            expires_at: now.saturating_add(timeout),
-            mode: Mode::Async,
-            grant: options.grant.map(ByteBuf::from),
-        };
+        let (call, timeout) = self.new_call(peer, skill, &args, options, Mode::Async)?;
         let mut entry = CallLogEntry::new(
             call.call_id,
             Direction::Outbound,

@@ -598,25 +598,20 @@ impl Node {
         }
     }
 
-    /// Calls a sync skill on `peer` with JSON arguments and returns its JSON output.
-    pub async fn call(&self, peer: PeerId, skill: &str, args: Value) -> Result<Value> {
-        self.call_with(peer, skill, args, CallOptions::default())
-            .await
-    }
-
-    /// [`Node::call`] with options.
-    pub async fn call_with(
+    /// A call of `mode` to `peer`, ready to sign, and how long its caller waits for an answer.
+    pub(crate) fn new_call(
         &self,
         peer: PeerId,
         skill: &str,
-        args: Value,
+        args: &Value,
         options: CallOptions,
-    ) -> Result<Value> {
+        mode: Mode,
+    ) -> Result<(Call, Duration)> {
         let timeout = options
             .timeout
             .unwrap_or(self.inner.config.calls.timeout)
             .min(MAX_CALL_WINDOW);
-        let args = to_cbor(&args);
+        let args = to_cbor(args);
         if args.len() > MAX_CALL_ARGS_BYTES {
             return Err(Error::Invalid(ValidationError::new(
                 "args",
@@ -633,9 +628,28 @@ impl Node {
             args: ByteBuf::from(args),
             issued_at: now,
             expires_at: now.saturating_add(timeout),
-            mode: Mode::Sync,
+            mode,
             grant: options.grant.map(ByteBuf::from),
         };
+        Ok((call, timeout))
+    }
+
+    /// Calls a sync skill on `peer` with JSON arguments and returns its JSON output.
+    pub async fn call(&self, peer: PeerId, skill: &str, args: Value) -> Result<Value> {
+        self.call_with(peer, skill, args, CallOptions::default())
+            .await
+    }
+
+    /// [`Node::call`] with options.
+    pub async fn call_with(
+        &self,
+        peer: PeerId,
+        skill: &str,
+        args: Value,
+        options: CallOptions,
+    ) -> Result<Value> {
+        let (call, timeout) = self.new_call(peer, skill, &args, options, Mode::Sync)?;
+        let now = call.issued_at;
         // Signed by the pipe's writer, with the calls that queue beside it.
         let request = Request::Unsigned(envelope::prepare(&self.inner.signing, &call)?);
         let started = std::time::Instant::now();

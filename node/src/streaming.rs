@@ -10,17 +10,15 @@ use std::time::Duration;
 
 use futures::Stream;
 use libp2p::PeerId;
-use serde_bytes::ByteBuf;
 use serde_json::Value;
 use skillmesh_protocol::envelope::{self, Checks};
 use skillmesh_protocol::{
     Call, CallError, CallId, CallResult, CallStatus, Cancel, ChainReader, ErrorCode, Kind,
-    MAX_CALL_ARGS_BYTES, MAX_CALL_WINDOW, MessageId, Mode, SkillName, Timestamp, ValidationError,
-    to_cbor,
+    MessageId, Mode, Timestamp,
 };
 use tokio::sync::mpsc;
 
-use crate::calls::{Reply, decode_chunk, read_result};
+use crate::calls::{Reply, decode_chunk, read_result, state_of};
 use crate::error::{Error, Result};
 use crate::node::{CallOptions, Node};
 use crate::pipe::{CHUNK, ENVELOPE, Frame, Request, STREAM_WINDOW, StreamCall};
@@ -171,31 +169,7 @@ impl Node {
         args: Value,
         options: StreamOptions,
     ) -> Result<CallStream> {
-        let timeout = options
-            .call
-            .timeout
-            .unwrap_or(self.config().calls.timeout)
-            .min(MAX_CALL_WINDOW);
-        let args = to_cbor(&args);
-        if args.len() > MAX_CALL_ARGS_BYTES {
-            return Err(Error::Invalid(ValidationError::new(
-                "args",
-                format!("{} bytes, at most {MAX_CALL_ARGS_BYTES}", args.len()),
-            )));
-        }
-        let now = Timestamp::now();
-        let call = Call {
-            call_id: CallId(rand::random()),
-            caller: self.peer_id(),
-            target: peer,
-            skill: SkillName::new(skill)?,
-            version_req: options.call.version_req,
-            args: ByteBuf::from(args),
-            issued_at: now,
-            expires_at: now.saturating_add(timeout),
-            mode: Mode::Stream,
-            grant: options.call.grant.map(ByteBuf::from),
-        };
+        let (call, timeout) = self.new_call(peer, skill, &args, options.call, Mode::Stream)?;
         let unsigned = envelope::prepare(self.signing(), &call)?;
         let payload = unsigned.payload().to_vec();
         let mut entry = CallLogEntry::new(
@@ -430,13 +404,7 @@ impl Pump {
             Err(_) => Some(ErrorCode::Internal),
         };
         self.entry.error = error;
-        let state = match error {
-            None => CallState::Completed,
-            Some(ErrorCode::Cancelled) => CallState::Canceled,
-            Some(code) if crate::calls::rejected(code) => CallState::Rejected,
-            Some(_) => CallState::Failed,
-        };
-        self.entry.enter(state, Timestamp::now());
+        self.entry.enter(state_of(error), Timestamp::now());
         self.node.log().record(self.entry.clone());
     }
 

@@ -625,7 +625,12 @@ pub(crate) fn peek(request: &[u8]) -> (CallId, Option<SkillName>) {
 
 /// Where a call ended, for the log, from the error it ended with (none: completed).
 pub(crate) fn final_state(error: Option<&CallError>) -> CallState {
-    match error.map(|e| e.code) {
+    state_of(error.map(|e| e.code))
+}
+
+/// Where a call ended, from the code it ended with (none: completed).
+pub(crate) fn state_of(code: Option<ErrorCode>) -> CallState {
+    match code {
         None => CallState::Completed,
         Some(ErrorCode::Cancelled) => CallState::Canceled,
         Some(code) if rejected(code) => CallState::Rejected,
